@@ -1,0 +1,65 @@
+"""Chinese-CLIP models in pure PyTorch, API-compatible with `cn_clip.clip`.
+
+    import clip_models
+    model, preprocess = clip_models.load("ViT-B-16")         # or a .pt / HF dir path
+    image = preprocess(PIL.Image.open("pokemon.jpeg"))[None]
+    text = clip_models.tokenize(["杰尼龟", "妙蛙种子", "小火龙", "皮卡丘"])
+    logits_per_image, _ = model.get_similarity(image, text)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (CheckpointError, build_model, export_cn_clip, export_hf, infer_config, load_model,
+                         read_checkpoint, save_checkpoint)
+from .config import CLIPConfig, TextConfig, VisionConfig, config_from_names, config_from_struct
+from .hub import RELEASES
+from .loss import contrastive_loss
+from .model import CLIP
+from .tokenizer import preprocess_text, tokenize
+from .transforms import decode_image, image_transform, train_transform
+
+__all__ = [
+    "CLIP", "CLIPConfig", "CheckpointError", "TextConfig", "VisionConfig", "available_models", "build_model",
+    "config_from_names", "config_from_struct", "contrastive_loss", "create_model", "decode_image",
+    "export_cn_clip", "export_hf", "image_transform", "infer_config", "load", "load_from_name", "load_model",
+    "preprocess_text", "read_checkpoint", "resolve", "save_checkpoint", "tokenize", "train_transform",
+]
+
+
+def available_models() -> list[str]:
+    """Names of the released models `load` can download."""
+    return list(RELEASES)
+
+
+def resolve(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Path:
+    """A local checkpoint path for a released model name (downloaded if needed) or an existing path."""
+    if str(name_or_path) in RELEASES:
+        from .hub import fetch
+
+        return fetch(str(name_or_path), download_root)
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    raise CheckpointError(
+        f"model {str(name_or_path)!r} not found: not a file or directory, and not a released model "
+        f"({', '.join(available_models())})"
+    )
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+         download_root: str | os.PathLike | None = None):
+    """(model in eval mode, preprocess) from a released name or any supported checkpoint path."""
+    model = load_model(resolve(name_or_path, download_root)).to(device)
+    return model, image_transform(model.image_size)
+
+
+load_from_name = load
+
+
+def create_model(struct: str) -> CLIP:
+    """A randomly initialised model from "vision@text" config names or a released name."""
+    return CLIP(config_from_struct(struct))

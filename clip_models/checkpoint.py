@@ -1,0 +1,244 @@
+"""Checkpoint I/O: read cn_clip `.pt`, plain state dicts, Hugging Face
+`ChineseCLIPModel` directories and our own files; infer the architecture from
+the weights; export to cn_clip and Hugging Face layouts."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from . import hf
+from .config import CLIPConfig, TextConfig, VisionConfig, config_names, load_text_json, load_vision_json
+from .model import CLIP
+
+log = logging.getLogger(__name__)
+FORMAT = "clip_models"  # marks files written by save_checkpoint
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, unreadable, or not a Chinese-CLIP checkpoint."""
+
+
+# ---------------------------------------------------------------- reading
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
+    """(state dict in cn_clip's key layout, config if the file records one, source kind)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_dir(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: no such file or directory")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return clean_state_dict(load_file(str(path))), None, "safetensors state dict"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint we read"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({reason})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if obj.get("format") == FORMAT:
+        return clean_state_dict(obj["state_dict"]), CLIPConfig.from_dict(obj["config"]), FORMAT
+    if isinstance(obj.get("state_dict"), dict):
+        return clean_state_dict(obj["state_dict"]), None, "cn_clip checkpoint"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return clean_state_dict(obj), None, "state dict"
+    raise CheckpointError(f"{path} is a dict without a 'state_dict' entry or tensors (keys: {list(obj)[:8]})")
+
+
+def _read_hf_dir(path: Path):
+    config_file = path / "config.json"
+    weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), None)
+    if not config_file.is_file() or weights is None:
+        raise CheckpointError(f"{path} is a directory but not a Hugging Face model (needs config.json and one of {_HF_WEIGHTS})")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "chinese_clip":
+        raise CheckpointError(f"{path} holds a {config.get('model_type')!r} model, not 'chinese_clip'")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(weights))
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    return hf.from_hf_state_dict(sd), hf.config_from_hf(config), "Hugging Face ChineseCLIPModel"
+
+
+_PREFIXES = re.compile(r"^((module|_orig_mod)\.)+")
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP/compile prefixes, drop the unused BERT pooler, and convert cn_clip's
+    flash-attention layout (`Wqkv`) to the standard one."""
+    sd = {_PREFIXES.sub("", k): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
+    out = {}
+    for key, value in sd.items():
+        if ".attn.Wqkv." in key:
+            out[key.replace(".attn.Wqkv.", ".attn.in_proj_")] = value
+        elif ".attention.self.Wqkv." in key:
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[key.replace(".Wqkv.", f".{name}.")] = part
+        elif ".attention.self.out_proj." in key:
+            out[key.replace(".attention.self.out_proj.", ".attention.output.dense.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- architecture inference
+
+def _count(sd: dict, pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := regex.match(k))})
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> CLIPConfig:
+    """The architecture the weights describe (depths, widths, patch, resolution)."""
+    try:
+        return CLIPConfig(_infer_embed_dim(sd), _infer_vision(sd), _infer_text(sd))
+    except KeyError as exc:
+        raise CheckpointError(f"not a Chinese-CLIP state dict: missing {exc.args[0]!r}") from None
+
+
+def _infer_embed_dim(sd) -> int:
+    return sd["text_projection"].shape[1]
+
+
+def _infer_vision(sd) -> VisionConfig:
+    if "visual.layer1.0.conv1.weight" in sd:
+        stages = tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in range(1, 5))
+        grid = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
+        vision = dict(image_size=grid * 32, layers=stages, width=sd["visual.conv1.weight"].shape[0] * 2, patch_size=None)
+    else:
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+        layers = _count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
+        vision = dict(image_size=grid * patch, layers=layers, width=width, patch_size=patch)
+    return VisionConfig(**vision, head_width=_head_width(vision))
+
+
+def _head_width(vision: dict) -> int:
+    """Heads are invisible in the weights: take them from the named config of the
+    same shape (ViT-H-14 uses 80), else the usual 64."""
+    for name in config_names("vision"):
+        named = load_vision_json(name)[1]
+        if (named.layers, named.width, named.patch_size) == (vision["layers"], vision["width"], vision["patch_size"]):
+            return named.head_width
+    return 64
+
+
+def _infer_text(sd) -> TextConfig:
+    vocab_size, hidden = sd["bert.embeddings.word_embeddings.weight"].shape
+    layers = _count(sd, r"bert\.encoder\.layer\.(\d+)\.")
+    intermediate = sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
+    return TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=_text_heads(hidden, layers, intermediate),
+        intermediate_size=intermediate,
+        max_position_embeddings=sd["bert.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=sd["bert.embeddings.token_type_embeddings.weight"].shape[0],
+    )
+
+
+def _text_heads(hidden: int, layers: int, intermediate: int) -> int:
+    """Heads are invisible in the weights: take them from the named config of the
+    same shape, else BERT's usual 64-wide heads."""
+    for name in config_names("text"):
+        named = load_text_json(name)
+        if (named.hidden_size, named.num_layers, named.intermediate_size) == (hidden, layers, intermediate):
+            return named.num_heads
+    return max(1, hidden // 64)
+
+
+# ---------------------------------------------------------------- building
+
+def build_model(config: CLIPConfig, sd: dict[str, torch.Tensor] | None = None, source: str = "weights") -> CLIP:
+    """A model of `config`; with `sd`, its weights are used directly (no random init
+    first) and converted to contiguous fp32, as cn_clip does on CPU."""
+    if sd is None:
+        return CLIP(config)
+    with torch.device("meta"):
+        model = CLIP(config)
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{source} does not fit {config.struct_name()}: {detail[:600]}") from None
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.float().contiguous()
+    return model
+
+
+def load_model(path: str | Path) -> CLIP:
+    """A CLIP model from any supported checkpoint, architecture inferred; in eval mode."""
+    sd, config, kind = read_checkpoint(path)
+    config = config or infer_config(sd)
+    model = build_model(config, sd, source=str(path))
+    log.info("loaded %s (%s) from %s", config.struct_name(), kind, path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- writing
+
+def save_checkpoint(model: CLIP, path: str | Path, **meta) -> Path:
+    """Our format: the config travels with the weights, so nothing is guessed on load."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "version": 1, "config": model.config.to_dict(), "state_dict": state, **meta}, path)
+    return path
+
+
+def export_cn_clip(model: CLIP, path: str | Path, epoch: int = 0, step: int = 0, name: str = "export",
+                   optimizer: dict | None = None) -> Path:
+    """cn_clip's training checkpoint layout: `module.`-prefixed keys, as DDP saves them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"module." + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"epoch": epoch, "step": step, "name": name, "state_dict": state}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
+    torch.save(payload, path)
+    return path
+
+
+def export_hf(model: CLIP, out_dir: str | Path) -> Path:
+    """A directory `transformers.ChineseCLIPModel.from_pretrained` loads, with the
+    tokenizer vocabulary and a square-resize image processor config."""
+    from transformers import ChineseCLIPModel
+
+    from .tokenizer import get_tokenizer
+
+    out_dir = Path(out_dir)
+    hf_model = ChineseCLIPModel(hf.config_to_hf(model.config))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(hf.to_hf_state_dict(state), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise CheckpointError(f"conversion to Hugging Face failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf_model.save_pretrained(out_dir)
+    get_tokenizer().save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(_image_processor_config(model.image_size), indent=2))
+    return out_dir
+
+
+def _image_processor_config(size: int) -> dict:
+    """cn_clip's preprocessing: bicubic resize to size x size, no centre crop."""
+    from .transforms import MEAN, STD
+
+    return {
+        "image_processor_type": "ChineseCLIPImageProcessor",
+        "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,
+        "do_center_crop": False, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(MEAN), "image_std": list(STD), "do_convert_rgb": True,
+    }

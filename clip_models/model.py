@@ -1,0 +1,96 @@
+"""The CLIP model: a vision tower, a BERT text tower, two projections and a logit scale.
+State-dict keys are cn_clip's, so its checkpoints load and ours load in cn_clip."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .bert import BertModel
+from .config import CLIPConfig
+from .resnet import ModifiedResNet
+from .vit import VisionTransformer
+
+PAD_ID = 0  # "[PAD]" in the Chinese BERT vocabulary
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        tower = ModifiedResNet if cfg.vision.is_resnet else VisionTransformer
+        self.visual = tower(cfg.vision, cfg.embed_dim)
+        self.bert = BertModel(cfg.text)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text.hidden_size, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.vision_frozen = False
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        nn.init.normal_(self.text_projection, std=self.config.text.hidden_size**-0.5)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            std = pool.c_proj.in_features**-0.5
+            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(proj.weight, std=std)
+            for name, param in self.visual.named_parameters():
+                if name.startswith("layer") and name.endswith("bn3.weight"):
+                    nn.init.zeros_(param)  # each residual block starts as identity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.bert.set_grad_checkpointing(enable)
+
+    def freeze_vision(self) -> None:
+        """Stop training the vision tower; ResNet BatchNorm statistics stay fixed too."""
+        self.vision_frozen = True
+        self.visual.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "CLIP":
+        super().train(mode)
+        if self.vision_frozen:
+            self.visual.eval()
+        return self
+
+    def encode_image(self, image: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
+        """Unnormalised image features [N, embed_dim]."""
+        return self.visual(image.to(self.dtype), mask_ratio)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features [N, embed_dim] from [CLS]; padding (id 0) is masked."""
+        hidden = self.bert(text, attention_mask=text.ne(PAD_ID))
+        return hidden[:, 0, :].to(self.dtype) @ self.text_projection
+
+    def forward(self, image: torch.Tensor | None, text: torch.Tensor | None, mask_ratio: float = 0.0):
+        """Both given: (normalised image features, normalised text features, logit_scale.exp()).
+        One given: that modality's unnormalised features, as cn_clip."""
+        if image is None and text is None:
+            raise ValueError("text and image cannot both be None")
+        if image is None:
+            return self.encode_text(text)
+        if text is None:
+            return self.encode_image(image, mask_ratio)
+        image_features = normalize(self.encode_image(image, mask_ratio))
+        text_features = normalize(self.encode_text(text))
+        return image_features, text_features, self.logit_scale.exp()
+
+    def get_similarity(self, image: torch.Tensor, text: torch.Tensor):
+        """(logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])."""
+        image_features = normalize(self.encode_image(image))
+        text_features = normalize(self.encode_text(text))
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def normalize(features: torch.Tensor) -> torch.Tensor:
+    return features / features.norm(dim=-1, keepdim=True)
