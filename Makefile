@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel first, so pip never pulls the CUDA build on CPU-only machines.
 # On a GPU machine, install your own torch into .venv before `make`.
 TORCH_SPEC ?= torch==2.13.0
+CN_CLIP_REF := cn_clip==1.6.0
 
 .PHONY: venv demo test bench clean
 
@@ -15,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# The reference implementation for parity tests only; its declared deps (torchvision, timm) are not needed.
+	$(PY) -m pip install -q --no-deps "$(CN_CLIP_REF)"
 	touch $@
 
 demo: venv
@@ -24,7 +27,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
-	$(PY) benchmarks/bench_model.py
+	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,84 @@
+"""Released-checkpoint download: resume, verification and the offline message,
+against a real HTTP server on 127.0.0.1 (no internet)."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+import clip_models
+from clip_models import hub
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    requests_seen: list = []
+
+    def do_GET(self):
+        start = 0
+        if (header := self.headers.get("Range")):
+            start = int(header.split("=")[1].split("-")[0])
+        self.requests_seen.append(start)
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tiny_vit, tmp_path):
+    path = clip_models.export_cn_clip(tiny_vit, tmp_path / "src.pt")
+    RangeHandler.payload = path.read_bytes()
+    RangeHandler.requests_seen = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}/clip_cn_tiny.pt"
+    httpd.shutdown()
+
+
+def test_download_resumes_and_verifies(server, monkeypatch, tmp_path, tiny_vit):
+    digest = hashlib.sha256(RangeHandler.payload).hexdigest()
+    monkeypatch.setitem(hub.RELEASES, "Tiny", hub.Release(server, sha256=digest))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    half = len(RangeHandler.payload) // 2
+    (cache / "clip_cn_tiny.pt.part").write_bytes(RangeHandler.payload[:half])  # an interrupted earlier try
+    model, preprocess = clip_models.load("Tiny", download_root=cache)
+    assert RangeHandler.requests_seen == [half]
+    assert (cache / "clip_cn_tiny.pt").read_bytes() == RangeHandler.payload
+    assert not (cache / "clip_cn_tiny.pt.part").exists()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), tiny_vit.encode_image(images))
+    clip_models.load("Tiny", download_root=cache)  # cached: no new request
+    assert RangeHandler.requests_seen == [half]
+
+
+def test_checksum_mismatch_removes_the_file(server, monkeypatch, tmp_path):
+    monkeypatch.setitem(hub.RELEASES, "Tiny", hub.Release(server, sha256="0" * 64))
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="sha256"):
+        clip_models.load("Tiny", download_root=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_offline_message_says_what_to_fetch_and_where(tmp_path, monkeypatch):
+    # Port 9 (discard) on loopback refuses the connection, as an offline machine would.
+    monkeypatch.setitem(hub.RELEASES, "Unreachable", hub.Release("http://127.0.0.1:9/checkpoints/clip_cn_vit-b-16.pt"))
+    with pytest.raises(RuntimeError) as info:
+        hub.fetch("Unreachable", download_root=tmp_path)
+    message = str(info.value)
+    assert "curl -L -C - -o" in message and str(tmp_path / "clip_cn_vit-b-16.pt") in message
+    assert "http://127.0.0.1:9/checkpoints/clip_cn_vit-b-16.pt" in message
+
+
+def test_released_names_point_at_the_cn_clip_files():
+    assert hub.RELEASES["ViT-B-16"].url.endswith("/clip_cn_vit-b-16.pt")
+    assert hub.RELEASES["RN50"].filename == "clip_cn_rn50.pt"

@@ -1,0 +1,68 @@
+"""Training-time options of the model: FLIP masking, gradient checkpointing,
+frozen vision tower, and the contrastive loss."""
+from __future__ import annotations
+
+import torch
+
+import clip_models
+from clip_models.vit import keep_random_patches
+
+
+def grads(model, images, tokens, **kw):
+    model.zero_grad()
+    image_features, text_features, scale = model(images, tokens, **kw)
+    loss, _ = clip_models.contrastive_loss(image_features, text_features, scale)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_flip_keeps_class_token_and_a_share_of_patches():
+    x = torch.arange(2 * 17 * 4, dtype=torch.float32).view(2, 17, 4)
+    kept = keep_random_patches(x, 0.5)
+    assert kept.shape == (2, 1 + 8, 4)
+    assert torch.equal(kept[:, 0], x[:, 0])
+    for sample, row in enumerate(kept):  # kept patches are distinct real patches, never the class token
+        positions = [int(v) // 4 - sample * 17 for v in row[1:, 0]]
+        assert len(set(positions)) == 8 and all(1 <= p <= 16 for p in positions)
+
+
+def test_mask_ratio_changes_image_features_in_training_only_path(tiny_vit):
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = tiny_vit.encode_image(images)
+        masked = tiny_vit.encode_image(images, mask_ratio=0.5)
+    assert full.shape == masked.shape and not torch.allclose(full, masked)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_vit):
+    tiny_vit.train()
+    for module in tiny_vit.modules():  # dropout off, so both passes are deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for layer in tiny_vit.bert.encoder.layer:
+        layer.attention.self.dropout_p = 0.0
+    images, tokens = torch.randn(4, 3, 32, 32), clip_models.tokenize(["一", "二三", "四五六", "七"])
+    plain = grads(tiny_vit, images, tokens)
+    tiny_vit.set_grad_checkpointing(True)
+    checkpointed = grads(tiny_vit, images, tokens)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5)
+
+
+def test_freeze_vision_stops_vision_gradients_and_keeps_batchnorm_stats(tiny_rn):
+    tiny_rn.freeze_vision()
+    tiny_rn.train()
+    assert not tiny_rn.visual.training and tiny_rn.bert.training
+    before = tiny_rn.visual.bn1.running_mean.clone()
+    g = grads(tiny_rn, torch.randn(4, 3, 64, 64), clip_models.tokenize(["一", "二", "三", "四"]))
+    assert not any(n.startswith("visual.") for n in g) and "text_projection" in g
+    assert torch.equal(before, tiny_rn.visual.bn1.running_mean)
+
+
+def test_contrastive_loss_and_accuracy():
+    features = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    loss, acc = clip_models.contrastive_loss(features, features, torch.tensor(100.0))
+    assert loss.item() < 1e-3 and acc == {"i2t": 1.0, "t2i": 1.0}
+    loss_shuffled, acc_shuffled = clip_models.contrastive_loss(features, features.roll(1, 0), torch.tensor(100.0))
+    assert loss_shuffled > loss and acc_shuffled["i2t"] == 0.0
