@@ -1,0 +1,145 @@
+"""Rank/run context: logging on rank 0 in cn_clip's line format, run files
+(metrics.jsonl, sample audit), and checkpoint files in both layouts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import clip_models
+
+from .config import TrainConfig
+
+STATE_FILE = "state.json"
+MODEL_FILE = "model.pt"
+log = logging.getLogger("clip_platform.train")
+
+
+class RunLogger:
+    """Writes only on rank 0: console + {logs}/{name}/out_<time>.log, metrics.jsonl,
+    and (with --record-sample-ids) sample_ids.jsonl."""
+
+    def __init__(self, config: TrainConfig, rank: int):
+        self.config = config
+        self.enabled = rank == 0
+        if not self.enabled:
+            return
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime())
+        handler = logging.FileHandler(config.run_dir / f"out_{stamp}.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                   for h in log.handlers):
+            console = logging.StreamHandler()
+            console.setFormatter(handler.formatter)
+            log.addHandler(console)
+        log.propagate = False
+        self._params_file = config.run_dir / f"params_{stamp}.txt"
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            log.info(message)
+
+    def log_params(self, plan, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        params = dataclasses.asdict(self.config) | {"max_steps_resolved": total_steps,
+                                                     "steps_per_epoch": plan.steps_per_epoch,
+                                                     "num_samples": plan.num_samples,
+                                                     "world_size": plan.world_size}
+        self._params_file.write_text("".join(f"{k}: {params[k]}\n" for k in sorted(params)), encoding="utf-8")
+        log.info("Params:\n" + "".join(f"  {k}: {params[k]}\n" for k in sorted(params)))
+
+    def train_line(self, m: dict, plan, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        cfg = self.config
+        batch = cfg.batch_size * cfg.accum_freq
+        step_in_epoch = (m["step"] - 1) % plan.steps_per_epoch + 1
+        done = step_in_epoch * batch * plan.world_size
+        samples = plan.steps_per_epoch * batch * plan.world_size
+        acc = (f"Image2Text Acc: {m['i2t_acc'] * 100:.2f} | Text2Image Acc: {m['t2i_acc'] * 100:.2f} | "
+               if cfg.report_training_batch_acc else "")
+        log.info(f"Global Steps: {m['step']}/{total_steps} | Train Epoch: {m['epoch']} [{done}/{samples} "
+                 f"({100.0 * step_in_epoch / plan.steps_per_epoch:.0f}%)] | Loss: {m['loss']:.6f} | {acc}"
+                 f"Data Time: {m['data_time']:.3f}s | Batch Time: {m['batch_time']:.3f}s | LR: {m['lr']:5f} | "
+                 f"logit_scale: {m['logit_scale']:.3f} | Global Batch Size: {batch * plan.world_size}")
+
+    def validation_line(self, r: dict, position, model, batch_size: int) -> None:
+        if not self.enabled:
+            return
+        log.info(f"Validation Result (epoch {position.epoch + (1 if position.step_in_epoch else 0)} @ "
+                 f"{position.global_step} steps) | Valid Loss: {r['valid_loss']:.6f} | "
+                 f"Image2Text Acc: {r['valid_i2t_acc'] * 100:.2f} | Text2Image Acc: {r['valid_t2i_acc'] * 100:.2f} | "
+                 f"logit_scale: {model.logit_scale.item():.3f} | Valid Batch Size: {batch_size}")
+        log.info("Validation Recall | " + " | ".join(f"{k[6:]}: {v:.2f}" for k, v in r.items() if "_r" in k))
+        self._append("metrics.jsonl", {"step": position.global_step, **r})
+
+    def metrics(self, m: dict) -> None:
+        if self.enabled:
+            self._append("metrics.jsonl", m)
+
+    def record_samples(self, step: int, indices: list[int]) -> None:
+        if self.enabled:
+            self._append("sample_ids.jsonl", {"step": step, "indices": indices})
+
+    def finish(self, bad_records: list[str]) -> None:
+        if self.enabled and bad_records:
+            log.warning(f"{len(bad_records)} bad training records skipped (this worker's), e.g.: "
+                        + "; ".join(bad_records[:5]))
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.config.run_dir / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_ray_checkpoint(directory: Path, model, model_state: dict, position) -> None:
+    """Rank 0's part of a Ray Train checkpoint: weights with their config, and the position."""
+    torch.save({"format": "clip_models", "version": 1, "config": model.config.to_dict(), "state_dict": model_state},
+               directory / MODEL_FILE)
+    (directory / STATE_FILE).write_text(json.dumps({"position": dataclasses.asdict(position)}))
+
+
+def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_end: int | None,
+                        step_file: bool, final: bool, optimizer: dict | None) -> None:
+    """cn_clip's files: epoch_latest.pt always, epoch{E}.pt at save epochs and the end,
+    epoch_{E}_{S}.pt at save steps. `data_position` lets our --resume continue mid-epoch."""
+    epoch_number = position.epoch if epoch_end is not None else position.epoch + 1
+    payload = {"epoch": epoch_number, "step": position.global_step, "name": config.name,
+               "state_dict": {"module." + k: v for k, v in model_state.items()},
+               "data_position": {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch}}
+    if optimizer is not None:
+        payload["optimizer"] = optimizer
+    out = config.checkpoint_dir
+    out.mkdir(parents=True, exist_ok=True)
+    names = ["epoch_latest.pt"]
+    if step_file:
+        names.append(f"epoch_{epoch_number}_{position.global_step}.pt")
+    if epoch_end is not None and (config.save_epoch_frequency > 0 and epoch_end % config.save_epoch_frequency == 0):
+        names.append(f"epoch{epoch_end}.pt")
+    if final:
+        names.append(f"epoch{epoch_number}.pt")
+    for name in dict.fromkeys(names):
+        torch.save(payload, out / name)
+        log.info(f"Saved checkpoint {out / name} (epoch {epoch_number} @ {position.global_step} steps)")
+
+
+def latest_ray_checkpoint(run_storage: Path) -> Path | None:
+    """The furthest-trained Ray Train checkpoint under a run's storage directory."""
+    best, best_step = None, -1
+    for state in run_storage.glob(f"checkpoint_*/{STATE_FILE}"):
+        try:
+            step = json.loads(state.read_text())["position"]["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue  # a partly written checkpoint is ignored
+        if step > best_step and (state.parent / MODEL_FILE).is_file():
+            best, best_step = state.parent, step
+    return best
+

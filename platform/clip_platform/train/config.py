@@ -1,0 +1,149 @@
+"""TrainConfig: every flag of cn_clip's training/main.py (same names, dash spelling on
+the command line) plus the Ray Train / DeepSpeed options."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import clip_models
+
+PRECISIONS = ("amp", "fp16", "bf16", "fp32")
+BACKENDS = ("deepspeed", "ddp")
+
+
+def default_optimizer_params(vision_model: str) -> dict[str, float]:
+    """cn_clip's per-model AdamW defaults (from the CLIP paper)."""
+    if vision_model.startswith("RN"):
+        return {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1.0e-8}
+    if vision_model in ("ViT-L-14", "ViT-L-14-336"):
+        return {"lr": 4.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+    return {"lr": 5.0e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    train_data: str = ""  # LMDB split dir (cn_clip's `.../lmdb/train`) or a dataset dir + split
+    val_data: str | None = None  # LMDB split dir for validation
+    num_workers: int = 4  # parallel decode tasks feeding each training worker
+    valid_num_workers: int = 1  # parallel decode tasks for validation
+    context_length: int = 52  # max tokens per text, [CLS] and [SEP] included
+    use_augment: bool = False  # RandomResizedCrop + flip + AutoAugment on training images
+    # logging
+    logs: str = "./logs/"  # output root: {logs}/{name}/out_*.log, checkpoints/, plots
+    name: str = "train_clip"  # run name; a rerun with the same name resumes
+    log_interval: int = 10  # log a training line every N steps
+    report_training_batch_acc: bool = False  # add in-batch accuracies to training lines
+    debug: bool = False  # debug-level logging
+    record_sample_ids: bool = False  # audit: write every step's pair indices to {logs}/{name}/sample_ids.jsonl
+    # schedule
+    batch_size: int = 64  # per worker
+    valid_batch_size: int = 64  # per worker
+    max_steps: int | None = None  # wins over max_epochs
+    max_epochs: int = 32
+    valid_step_interval: int | None = None  # validate every N steps (None: off)
+    valid_epoch_interval: int | None = 1  # validate every N epochs (None: off)
+    # optimiser
+    lr: float | None = None  # None: cn_clip's per-model default
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    wd: float = 0.2  # weight decay (not on gains, biases, logit_scale)
+    warmup: int = 500  # linear warm-up steps before cosine decay
+    # checkpoints
+    save_epoch_frequency: int = 1
+    save_step_frequency: int = -1  # -1: off
+    resume: str | None = None  # any checkpoint clip_models.load accepts
+    reset_optimizer: bool = False
+    reset_data_offset: bool = False  # restart the data at epoch 0, step 0 after --resume
+    # model
+    precision: str = "amp"  # amp | fp16 | bf16 | fp32 (amp and fp16 need a GPU; CPU runs fp32)
+    vision_model: str = "ViT-B-16"  # a name in clip_models/configs
+    text_model: str = "RoBERTa-wwm-ext-base-chinese"
+    mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training (ViT only)
+    freeze_vision: bool = False
+    grad_checkpointing: bool = False
+    use_flash_attention: bool = False  # cn_clip flag; SDPA picks flash kernels on GPU regardless
+    use_bn_sync: bool = False  # SyncBatchNorm for RN50
+    accum_freq: int = 1  # gradient accumulation with cn_clip's feature cache
+    gather_with_grad: bool = False  # all_gather with gradients (torch.distributed.nn)
+    skip_aggregate: bool = False  # contrast only within each worker's batch
+    seed: int = 123
+    # distillation (teacher: any checkpoint clip_models.load accepts)
+    distillation: bool = False
+    teacher_model_name: str | None = None
+    kd_loss_weight: float = 0.5
+    # Ray Train / DeepSpeed
+    workers: int = 1  # Ray Train workers (one per GPU with --use-gpu)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # CPUs reserved per training worker; leave some for data decoding
+    backend: str = "deepspeed"  # deepspeed | ddp
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    storage_path: str | None = None  # Ray Train storage (local dir or s3://); default {logs}/ray_results
+    num_to_keep: int = 2  # Ray Train checkpoints kept (latest)
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+
+    def __post_init__(self):
+        self._check_choices()
+        self._check_sizes()
+        self._check_model()
+        for name, value in default_optimizer_params(self.vision_model).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    def _check_choices(self):
+        if not self.train_data:
+            raise ValueError("--train-data is required (an LMDB split dir such as datasets/MUGE/lmdb/train)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not 0 <= self.zero_stage <= 3:
+            raise ValueError(f"--zero-stage must be 0..3, got {self.zero_stage}")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("--precision fp16 needs --use-gpu (CPU training runs fp32 or bf16)")
+        if self.distillation and not self.teacher_model_name:
+            raise ValueError("--distillation needs --teacher-model-name (any checkpoint clip_models.load accepts)")
+
+    def _check_sizes(self):
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        for name in ("batch_size", "valid_batch_size", "accum_freq", "workers", "num_workers",
+                     "valid_num_workers", "log_interval", "num_to_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and self.max_epochs < 1:
+            raise ValueError(f"--max-epochs must be at least 1, got {self.max_epochs}")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.warmup < 0 or self.context_length < 2:
+            raise ValueError("--warmup must be >= 0 and --context-length >= 2")
+
+    def _check_model(self):
+        model = self.model_config()  # raises for unknown names
+        if self.mask_ratio > 0 and model.vision.is_resnet:
+            raise ValueError(f"--mask-ratio (FLIP) works on ViT towers only, not {self.vision_model}")
+        if self.context_length > model.text.max_position_embeddings:
+            raise ValueError(f"--context-length {self.context_length} exceeds {self.text_model}'s "
+                             f"{model.text.max_position_embeddings} positions")
+
+    def model_config(self) -> clip_models.CLIPConfig:
+        return clip_models.config_from_names(self.vision_model, self.text_model)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logs).resolve() / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.workers * self.accum_freq
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

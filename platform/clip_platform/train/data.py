@@ -1,0 +1,109 @@
+"""Training data: each worker streams its part of the sample plan through Ray Data.
+
+The plan (plan.py) fixes which pair indices a worker consumes; Ray Data looks
+them up in the LMDB split and decodes + transforms them in parallel tasks
+anywhere in the cluster, in plan order (preserve_order), so training is exactly
+reproducible and resumable. Bad records keep their slot with `valid=False`
+(shapes stay static for all_gather) and are excluded from the loss and counted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import clip_models
+
+from ..data.lmdb_io import num_samples, open_env, parse_pair
+from ..data.records import BadRecord, b64decode_image
+
+BLOCKS_PER_EPOCH = 64  # index blocks per epoch and rank: enough tasks to spread decoding
+DECODE_CPUS = 0.5  # CPUs per decode task
+
+
+def lmdb_split_dir(path: str) -> Path:
+    split = Path(path)
+    if not (split / "pairs").is_dir() or not (split / "imgs").is_dir():
+        raise FileNotFoundError(f"{path} is not a cn_clip LMDB split (expected {path}/pairs and {path}/imgs); "
+                                "build one with jobs/build_lmdb.py")
+    return split
+
+
+def count_pairs(path: str) -> int:
+    return num_samples(lmdb_split_dir(path))
+
+
+class SampleDecoder:
+    """map_batches callable: pair indices -> image tensors, token ids, ids, validity."""
+
+    def __init__(self, split_dir: str, image_size: int, context_length: int, use_augment: bool = False):
+        self.split_dir = split_dir
+        self.image_size = image_size
+        self.context_length = context_length
+        self.use_augment = use_augment
+        self._post_init()
+
+    def _post_init(self):
+        self._transform = clip_models.train_transform(self.image_size, self.use_augment)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_transform"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._post_init()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        indices = batch["data"].astype(np.int64)
+        n, size = len(indices), self.image_size
+        images = np.zeros((n, 3, size, size), dtype=np.float32)
+        texts = [""] * n
+        out = {"index": indices, "image_id": np.full(n, -1), "text_id": np.full(n, -1),
+               "valid": np.ones(n, dtype=bool), "error": np.full(n, "", dtype=object)}
+        split = Path(self.split_dir)
+        with open_env(split / "pairs") as pairs_env, open_env(split / "imgs") as imgs_env, \
+                pairs_env.begin(buffers=True) as pairs, imgs_env.begin(buffers=True) as imgs:
+            for row, index in enumerate(indices):
+                sample = self._read(pairs, imgs, int(index))
+                if isinstance(sample, BadRecord):
+                    out["valid"][row], out["error"][row] = False, str(sample)
+                    continue
+                out["image_id"][row], out["text_id"][row], texts[row], images[row] = sample
+        out["image"] = images
+        out["tokens"] = clip_models.tokenize([clip_models.preprocess_text(t) for t in texts],
+                                             self.context_length).numpy()
+        return out
+
+    def _read(self, pairs, imgs, index: int):
+        where = f"{self.split_dir}/pairs[{index}]"
+        raw = pairs.get(str(index).encode())
+        if raw is None:
+            return BadRecord("missing_record", index, where, "pair key absent")
+        pair = parse_pair(bytes(raw), where)
+        if isinstance(pair, BadRecord):
+            return pair
+        image_id, text_id, text = pair
+        b64 = imgs.get(str(image_id).encode())
+        if b64 is None:
+            return BadRecord("missing_image", image_id, where, f"text {text_id} pairs with an absent image")
+        try:
+            image = self._transform(clip_models.decode_image(b64decode_image(bytes(b64)))).numpy()
+        except (ValueError, OSError) as exc:
+            return BadRecord("bad_image", image_id, where, str(exc))
+        return image_id, text_id, text, image
+
+
+def stream_batches(decoder: SampleDecoder, indices: np.ndarray, batch_size: int, concurrency: int):
+    """Yield decoded micro-batches (dicts of numpy arrays) for `indices`, in order."""
+    import ray.data
+
+    if len(indices) == 0:
+        return
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the plan's order is the training order
+    context.enable_progress_bars = False
+    num_blocks = min(BLOCKS_PER_EPOCH, max(1, len(indices) // batch_size))
+    dataset = ray.data.from_numpy(np.array_split(indices.astype(np.int64), num_blocks))  # column "data"
+    dataset = dataset.map_batches(decoder, batch_size=batch_size, batch_format="numpy",
+                                  compute=ray.data.TaskPoolStrategy(size=concurrency), num_cpus=DECODE_CPUS)
+    yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
