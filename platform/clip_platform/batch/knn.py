@@ -1,0 +1,306 @@
+"""Top-k retrieval over the cluster: cn_clip's make_topk_predictions.py (t2i) and
+make_topk_predictions_tr.py (i2t), exact or with a FAISS index.
+
+Exact: the corpus is loaded once into the object store as shards (Parquet row
+groups read by tasks, so the driver never holds the corpus); every query block x
+corpus shard pair is a Ray task returning a partial top-k, and a merge task per
+block combines them. Ties are broken by the smaller id, which makes the merged
+ids identical to one brute-force pass. Query blocks stream through a bounded
+window and predictions are written in query order.
+
+FAISS: an actor builds the index chosen for the corpus size and searches the
+query blocks; then the recall of its results against exact search is measured
+on a random sample of queries and reported.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from .faiss_index import FaissSpec, build_index, choose_index, search_index
+from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
+from .predictions import KEYS, PredictionWriter, check_mode
+from .runtime import ensure_ray, get
+from .topk import exact_topk, merge_topk
+
+log = logging.getLogger(__name__)
+
+INDEXES = ("exact", "faiss")
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    image_feats: str  # image features: cn_clip JSONL, a Parquet file, or a directory of shards
+    text_feats: str  # text features, same formats
+    output: str  # predictions JSONL
+    top_k: int = 10  # ids predicted per query
+    eval_batch_size: int = 32768  # corpus rows scored per matrix product inside a task (cn_clip's flag)
+    mode: str = "t2i"  # t2i: texts query images; i2t: images query texts
+    index: str = "exact"  # exact, or faiss (approximate, for corpora too big for exact search)
+    query_block_size: int = 4096  # queries per Ray task
+    corpus_shard_size: int = 131072  # corpus rows per shard (Parquet: whole row groups; JSONL: one file)
+    max_inflight_blocks: int = 4  # query blocks in flight: bounds driver and object-store memory
+    faiss_index: str = "auto"  # auto (by corpus size), flat, hnsw, ivf, or a faiss index_factory string
+    nprobe: int = 0  # IVF lists visited per query (0: chosen by corpus size)
+    ef_search: int = 0  # HNSW candidate-list size (0: chosen from top_k)
+    faiss_cpus: int = 0  # CPUs of the FAISS actor, its build and search threads (0: all of the largest node)
+    recall_sample: int = 1000  # faiss: queries re-searched exactly to measure recall (0: skip)
+    seed: int = 0  # sampling of the FAISS training rows and the recall queries
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        if self.index not in INDEXES:
+            raise ValueError(f"index must be one of {', '.join(INDEXES)}, got {self.index!r}")
+        for name in ("image_feats", "text_feats", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name.replace('_', '-')} is required")
+        for name in ("top_k", "eval_batch_size", "query_block_size", "corpus_shard_size", "max_inflight_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("nprobe", "ef_search", "recall_sample", "faiss_cpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+    @property
+    def query_path(self) -> str:
+        return self.text_feats if self.mode == "t2i" else self.image_feats
+
+    @property
+    def corpus_path(self) -> str:
+        return self.image_feats if self.mode == "t2i" else self.text_feats
+
+    @property
+    def query_key(self) -> str:
+        return KEYS[self.mode][0]
+
+    @property
+    def corpus_key(self) -> str:
+        return "image_id" if self.mode == "t2i" else "text_id"
+
+
+@dataclass(frozen=True)
+class KnnReport:
+    output: str
+    mode: str
+    index: str  # "exact" or the FAISS index description
+    num_queries: int
+    corpus_size: int
+    k: int
+    seconds: float  # the whole job
+    load_seconds: float  # corpus into the object store
+    build_seconds: float  # FAISS index build (0 for exact)
+    search_seconds: float  # all query blocks searched and written
+    recall: float | None = None  # faiss: mean recall@k against exact search on the sample
+    recall_queries: int = 0  # size of that sample
+
+
+# ---------------------------------------------------------------- Ray tasks
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _load_shard(shard: FeatureShard) -> tuple[Features, tuple[np.ndarray, int]]:
+    """The shard's features (kept in the object store) and its (ids, dim) for the driver's checks."""
+    features = shard.read()
+    return features, (features.ids, features.dim)
+
+
+@ray.remote(num_cpus=1)
+def _partial_topk(queries: np.ndarray, shard: Features, k: int, chunk_rows: int):
+    return exact_topk(queries, shard.vectors, shard.ids, k, chunk_rows)
+
+
+@ray.remote(num_cpus=1)
+def _merge(k: int, *parts):
+    return merge_topk(list(parts), k)
+
+
+@ray.remote
+class _FaissSearcher:
+    """Holds one FAISS index over the whole corpus; loads the shards from the object store."""
+
+    def __init__(self, spec: FaissSpec, shard_refs: list, seed: int, num_threads: int):
+        self.spec, self.shard_refs, self.seed, self.num_threads = spec, shard_refs, seed, num_threads
+
+    def build(self) -> float:
+        start = time.perf_counter()
+        corpus = Features.concat(ray.get(self.shard_refs))
+        self.ids = corpus.ids
+        self.index = build_index(self.spec, corpus.vectors, self.seed, self.num_threads)
+        return time.perf_counter() - start
+
+    def search(self, queries: np.ndarray, k: int):
+        return search_index(self.index, queries, self.ids, k)
+
+
+# ---------------------------------------------------------------- corpus
+
+@dataclass
+class Corpus:
+    shards: list  # ObjectRefs of Features, one per non-empty shard
+    num_rows: int
+    dim: int
+
+
+def load_corpus(path: str, id_key: str, shard_rows: int) -> Corpus:
+    """Read the corpus into the object store, shard by shard, in parallel tasks; checks
+    one dimension and unique ids across all shards."""
+    shards = plan_shards(path, shard_rows, id_key)
+    pairs = [_load_shard.remote(shard) for shard in shards]
+    metas = get([meta for _, meta in pairs])
+    dims = {dim for ids, dim in metas if len(ids)}
+    if not dims:
+        raise ValueError(f"no corpus features in {path}")
+    if len(dims) > 1:
+        raise ValueError(f"corpus features in {path} have different dimensions: {sorted(dims)}")
+    check_unique_ids(np.concatenate([ids for ids, _ in metas]), path)
+    refs = [ref for (ref, _), (ids, _) in zip(pairs, metas) if len(ids)]
+    return Corpus(refs, sum(len(ids) for ids, _ in metas), dims.pop())
+
+
+# ---------------------------------------------------------------- search strategies
+
+class ExactSearch:
+    """Query block -> ObjectRef of its exact (scores, ids): one task per corpus shard, then a merge."""
+
+    description = "exact"
+    build_seconds = 0.0
+
+    def __init__(self, corpus: Corpus, k: int, chunk_rows: int):
+        self.corpus, self.k, self.chunk_rows = corpus, k, chunk_rows
+
+    def submit(self, block: Features):
+        queries = ray.put(block.vectors)
+        parts = [_partial_topk.remote(queries, shard, self.k, self.chunk_rows) for shard in self.corpus.shards]
+        return parts[0] if len(parts) == 1 else _merge.remote(self.k, *parts)
+
+    def close(self) -> None:
+        pass
+
+
+class FaissSearch:
+    """Query block -> ObjectRef of approximate (scores, ids) from the FAISS actor."""
+
+    def __init__(self, corpus: Corpus, k: int, config: KnnConfig):
+        self.k = k
+        self.spec = choose_index(corpus.num_rows, corpus.dim, k, config.faiss_index, config.nprobe, config.ef_search)
+        self.description = f"faiss {self.spec.describe()}"
+        cpus = faiss_cpus(config.faiss_cpus)
+        log.info("building FAISS %s over %d x %d on %d CPUs", self.spec.describe(), corpus.num_rows, corpus.dim, cpus)
+        self.actor = _FaissSearcher.options(num_cpus=cpus).remote(self.spec, corpus.shards, config.seed, cpus)
+        try:
+            self.build_seconds = get(self.actor.build.remote())
+        except BaseException:
+            self.close()
+            raise
+        log.info("FAISS index built in %.1f s", self.build_seconds)
+
+    def submit(self, block: Features):
+        return self.actor.search.remote(block.vectors, self.k)
+
+    def close(self) -> None:
+        ray.kill(self.actor)  # frees its CPUs for the exact recall check
+
+
+def faiss_cpus(requested: int) -> int:
+    """CPUs for the FAISS actor: `requested`, or (0) every CPU of the largest node. An
+    actor bigger than every node would wait forever, so that is a user error."""
+    largest = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0))
+    if requested > largest:
+        raise ValueError(f"--faiss-cpus {requested} is more than any node has (largest: {largest} CPUs)")
+    return requested or max(1, largest)
+
+
+def in_order(blocks: Iterable[Features], submit: Callable, window: int) -> Iterator[tuple[Features, tuple]]:
+    """(block, result) in input order, with at most `window` blocks submitted and unfinished."""
+    pending: deque = deque()
+    for block in blocks:
+        pending.append((block, submit(block)))
+        if len(pending) >= window:
+            head, ref = pending.popleft()
+            yield head, get(ref)
+    while pending:
+        head, ref = pending.popleft()
+        yield head, get(ref)
+
+
+def _checked_blocks(blocks: Iterable[Features], dim: int, path: str) -> Iterator[Features]:
+    for block in blocks:
+        if block.dim != dim:
+            raise ValueError(f"query features in {path} have {block.dim} dimensions, the corpus has {dim}")
+        yield block
+
+
+# ---------------------------------------------------------------- recall of approximate search
+
+class QuerySample:
+    """A uniform random sample of up to `size` queries from a stream of blocks, with
+    their approximate results: each row gets a random key and the smallest keys stay."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.keys = np.zeros(0)
+        self.queries = Features.empty()
+        self.results = np.zeros((0, 0), np.int64)
+
+    def add(self, block: Features, results: np.ndarray) -> None:
+        if not self.size:
+            return
+        keys = np.concatenate([self.keys, self.rng.random(len(block))])
+        queries = Features.concat([self.queries, block])
+        results = np.concatenate([self.results, results]) if len(self.results) else results
+        keep = np.argsort(keys, kind="stable")[: self.size]
+        self.keys, self.queries, self.results = keys[keep], Features(queries.ids[keep], queries.vectors[keep]), \
+            results[keep]
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|."""
+    hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+# ---------------------------------------------------------------- the job
+
+def knn_search(config: KnnConfig) -> KnnReport:
+    """Write the top-k predictions of every query to `config.output` (cn_clip's JSONL)."""
+    ensure_ray()
+    start = time.perf_counter()
+    corpus = load_corpus(config.corpus_path, config.corpus_key, config.corpus_shard_size)
+    loaded = time.perf_counter()
+    k = min(config.top_k, corpus.num_rows)
+    if k < config.top_k:
+        log.warning("the corpus has only %d entries: predicting %d per query, not %d", corpus.num_rows, k,
+                    config.top_k)
+    blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
+                             corpus.dim, config.query_path)
+    exact = ExactSearch(corpus, k, config.eval_batch_size)
+    search = exact if config.index == "exact" else FaissSearch(corpus, k, config)
+    sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
+    searched = time.perf_counter()
+    try:
+        with PredictionWriter(config.output, config.mode) as writer:
+            for block, (_, ids) in in_order(blocks, search.submit, config.max_inflight_blocks):
+                writer.write(block.ids.tolist(), ids.tolist())
+                sample.add(block, ids)
+                log.info("%d queries done", writer.num_lines)
+    finally:
+        search.close()
+    written = time.perf_counter()
+    recall = None
+    if len(sample.queries):
+        _, exact_ids = get(exact.submit(sample.queries))
+        recall = recall_at_k(sample.results, exact_ids)
+        log.info("%s: recall@%d vs exact on %d sampled queries = %.4f", search.description, k,
+                 len(sample.queries), recall)
+    report = KnnReport(config.output, config.mode, search.description, writer.num_lines, corpus.num_rows, k,
+                       seconds=time.perf_counter() - start, load_seconds=loaded - start,
+                       build_seconds=search.build_seconds, search_seconds=written - searched, recall=recall,
+                       recall_queries=len(sample.queries))
+    log.info("top-%d %s predictions for %d queries over %d entries -> %s (%.1f s)", k, config.mode,
+             report.num_queries, report.corpus_size, config.output, report.seconds)
+    return report

@@ -1,0 +1,34 @@
+"""The Ray context of the batch jobs: connect once, and turn task failures caused
+by bad input back into the user's error."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def ensure_ray() -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local Ray;
+    a session the caller already started (tests, notebooks) is reused."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+        log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def get(refs):
+    """ray.get, re-raising a task's user error (bad file, bad flag) as itself, so
+    the job prints one readable line instead of a remote traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        raise

@@ -1,0 +1,310 @@
+"""Zero-shot classification: cn_clip's zeroshot_evaluation.py on Ray Data.
+
+reader  -> `read_image_folder` lists `test/<label id>/*` images (to be replaced by
+           the data plane's reader);
+mapper  -> `decode_images` (CPU stage) then `ImageClassifier` (actor pool, model
+           loaded once per actor) turns images into class probabilities;
+writer  -> `write_elevater_json` writes the ELEVATER-style JSON cn_clip writes.
+
+The classifier is cn_clip's: one embedding per class, the normalised mean of the
+normalised embeddings of that class's prompts (templates.py); probabilities are
+softmax(100 * normalised image feature @ class embeddings).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import clip_models
+
+from .features import atomic_path
+from .runtime import ensure_ray
+from .templates import fill, load_templates
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+PRECISIONS = ("amp", "fp32", "bf16", "fp16")
+LOGIT_SCALE = 100.0  # cn_clip's fixed scale for zero-shot probabilities (not the model's learnt one)
+TEXT_BATCH = 256  # prompts encoded per forward pass
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    datapath: str  # test folder: one sub-folder per class, named by its (zero-padded) label id
+    label_file: str  # label_cn.txt: class name of label i on line i + 1
+    save_dir: str = "."  # <save_dir>/<dataset>.json is written
+    dataset: str = "imagenet"  # dataset name in the JSON and the file name
+    resume: str | None = None  # checkpoint, anything clip_models.load accepts; default: the released --vision-model
+    vision_model: str | None = None  # name in "CN-CLIP-<name>"; default: inferred from the checkpoint
+    text_model: str | None = None  # accepted for cn_clip's command lines; the checkpoint defines the model
+    precision: str = "amp"  # amp/fp32: fp32 as cn_clip's zero-shot; bf16/fp16: autocast
+    img_batch_size: int = 64  # images per batch
+    context_length: int = 52  # prompt token limit, [CLS] and [SEP] included
+    num_workers: int = 4  # CPU decode tasks in flight (cn_clip: data-loader workers)
+    concurrency: int = 1  # encoder actors, each holding one model
+    num_gpus: float = 0.0  # GPUs per encoder actor (0: CPU)
+    index: str = ""  # cn_clip's --index: a JSON list of row positions that reorders the outputs
+    templates: str = ""  # prompt templates, one per line with {}; default: the built-in Chinese set
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.resume and self.vision_model not in clip_models.available_models():
+            raise ValueError(f"--resume is required unless --vision-model names a released model "
+                             f"({', '.join(clip_models.available_models())})")
+        for name in ("img_batch_size", "context_length", "num_workers", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must not be negative, got {self.num_gpus}")
+        if self.context_length < 3:
+            raise ValueError("context_length must leave room for [CLS], [SEP] and one token")
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    top1: float  # fraction of images whose most probable class is right
+    top5: float  # fraction with the right class among the 5 most probable
+    num_images: int  # images classified
+    num_classes: int
+    skipped: tuple[str, ...]  # unreadable images, left out
+    output: str  # the ELEVATER JSON
+
+
+# ---------------------------------------------------------------- reader
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line; blank lines at the end are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file {path} does not exist")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise ValueError(f"label file {path} holds no class names")
+    for number, name in enumerate(names, 1):
+        if not name:
+            raise ValueError(f"{path} line {number} is blank: every label id needs a class name")
+    return names
+
+
+def read_image_folder(path: str | os.PathLike, num_classes: int | None = None) -> list[tuple[str, int]]:
+    """(image path, label) for `path/<label id>/**/<image>`, ordered by label, then
+    path as torchvision's ImageFolder walks them. The folder name is the label id,
+    so a class without test images does not shift the others."""
+    root = Path(path)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {root} does not exist or is not a directory")
+    classes = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.name)
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<label id>/<images>)")
+    labels = {class_dir: _label_of(class_dir, num_classes) for class_dir in classes}
+    if len(set(labels.values())) < len(labels):
+        raise ValueError(f"{root} has two class folders for one label id (e.g. 1 and 001)")
+    records = []
+    for class_dir in sorted(classes, key=labels.get):
+        label = labels[class_dir]
+        for folder, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            records.extend((os.path.join(folder, f), label) for f in sorted(files)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not records:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return records
+
+
+def _label_of(class_dir: Path, num_classes: int | None) -> int:
+    if not class_dir.name.isdigit():
+        raise ValueError(f"class folder {class_dir} is not named by a label id (e.g. 000, 001, ...)")
+    label = int(class_dir.name)
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"class folder {class_dir} is label {label}, but the label file has {num_classes} classes")
+    return label
+
+
+# ---------------------------------------------------------------- classifier
+
+def model_source(config: ZeroShotConfig) -> str:
+    return config.resume or config.vision_model
+
+
+def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: tuple[str, ...],
+                     context_length: int = 52) -> torch.Tensor:
+    """[embed_dim, num_classes]: per class, the normalised mean of its normalised prompt embeddings."""
+    texts = [clip_models.preprocess_text(fill(t, name)) for name in classnames for t in templates]
+    device = next(model.parameters()).device
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(texts), TEXT_BATCH):
+            # Padding to the batch's longest prompt gives the same features as padding to 52, faster.
+            tokens = clip_models.tokenize(texts[start:start + TEXT_BATCH], context_length, pad_to_longest=True)
+            features.append(model.encode_text(tokens.to(device)).float())
+    per_prompt = torch.cat(features).view(len(classnames), len(templates), -1)
+    per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
+    mean = per_prompt.mean(dim=1)
+    return (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous()
+
+
+def autocast(precision: str, device: torch.device):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+# ---------------------------------------------------------------- mapper
+
+def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """CPU stage: image files -> normalised [B, 3, S, S] arrays; unreadable files are
+    flagged (`ok` False, `error` set), not fatal."""
+    transform = clip_models.image_transform(image_size)
+    images = np.zeros((len(batch["path"]), 3, image_size, image_size), np.float32)
+    ok = np.zeros(len(batch["path"]), bool)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            images[i] = transform(clip_models.decode_image(Path(path).read_bytes())).numpy()
+            ok[i] = True
+            errors.append("")
+        except (OSError, ValueError) as exc:
+            errors.append(str(exc))
+    return {"row": batch["row"], "label": batch["label"], "path": batch["path"], "image": images, "ok": ok,
+            "error": np.array(errors, dtype=object)}
+
+
+class ImageClassifier:
+    """Actor-pool stage: loads the model once, then images -> class probabilities."""
+
+    def __init__(self, source: str, classifier: np.ndarray, precision: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, _ = clip_models.load(source, device=self.device)
+        self.classifier = torch.tensor(classifier, device=self.device)  # a copy: Ray hands in a read-only array
+        self.precision = precision
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"].astype(bool)
+        probs = np.zeros((len(ok), self.classifier.shape[1]), np.float32)
+        if ok.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
+            with torch.no_grad(), autocast(self.precision, self.device):
+                features = self.model.encode_image(images)
+            probs[ok] = image_probabilities(features.float(), self.classifier).cpu().numpy()
+        return {"row": batch["row"], "label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok,
+                "error": batch["error"]}
+
+
+def image_probabilities(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    features = image_features / image_features.norm(dim=-1, keepdim=True)
+    return (LOGIT_SCALE * features @ classifier).softmax(dim=-1)
+
+
+def classify_images(records: list[tuple[str, int]], source: str, classifier: np.ndarray, image_size: int,
+                    config: ZeroShotConfig) -> dict[str, np.ndarray]:
+    """Probabilities [N, C] (input order) for the readable images, with their labels and the skipped paths."""
+    import ray
+
+    ensure_ray()
+    items = [{"row": i, "path": path, "label": label} for i, (path, label) in enumerate(records)]
+    num_blocks = max(1, min(len(items) // config.img_batch_size, 4 * config.num_workers * config.concurrency))
+    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    ds = ds.map_batches(decode_images, fn_kwargs={"image_size": image_size}, batch_size=config.img_batch_size,
+                        batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=config.num_workers))
+    ds = ds.map_batches(ImageClassifier, fn_constructor_args=(source, classifier, config.precision),
+                        batch_size=config.img_batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+                        num_gpus=config.num_gpus or None, num_cpus=0 if config.num_gpus else 1)
+    parts = list(ds.select_columns(["row", "label", "path", "probs", "ok", "error"])
+                 .iter_batches(batch_size=None, batch_format="numpy"))
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    order = np.argsort(merged["row"], kind="stable")
+    return {key: value[order] for key, value in merged.items()}
+
+
+# ---------------------------------------------------------------- scoring and writer
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among their k most probable classes."""
+    if not len(labels):
+        return float("nan")
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def read_index(path: str, num_rows: int) -> list[int]:
+    """cn_clip's --index file: a JSON list of row positions."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"index file {file} does not exist")
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"index file {file} is not JSON: {exc.msg}") from None
+    if not isinstance(index, list) or not all(isinstance(i, int) and 0 <= i < num_rows for i in index):
+        raise ValueError(f"index file {file} must be a JSON list of positions in 0..{num_rows - 1}")
+    return index
+
+
+def json_prec_dump(data, prec: int = 6) -> str:
+    """cn_clip's float rounding for the ELEVATER JSON."""
+    return json.dumps(json.loads(json.dumps(data), parse_float=lambda x: round(float(x), prec)))
+
+
+def elevater_json(model: clip_models.CLIP, model_name: str, dataset: str, probs: np.ndarray) -> dict:
+    num_params = sum(p.numel() for p in model.parameters())
+    return {
+        "model_name": "CN-CLIP-" + model_name,
+        "dataset_name": dataset,
+        "num_trainable_params": 0,
+        "num_params": num_params,
+        "num_visual_params": sum(p.numel() for p in model.visual.parameters()),
+        "num_backbone_params": num_params,
+        "n_shot": 0,
+        "rnd_seeds": [123],
+        "predictions": [probs.tolist()],
+    }
+
+
+def write_elevater_json(path: str | os.PathLike, payload: dict) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write(json_prec_dump(payload))
+    return Path(path)
+
+
+# ---------------------------------------------------------------- the job
+
+def zeroshot(config: ZeroShotConfig) -> ZeroShotResult:
+    classnames = read_labels(config.label_file)
+    records = read_image_folder(config.datapath, len(classnames))
+    templates = load_templates(config.templates)
+    index = read_index(config.index, len(records)) if config.index else None
+    source = model_source(config)
+    model, _ = clip_models.load(source, device="cuda" if torch.cuda.is_available() else "cpu")
+    model_name = config.vision_model or model.config.struct_name().split("@")[0]
+    log.info("zero-shot %s: %d images, %d classes, %d templates, model %s", config.dataset, len(records),
+             len(classnames), len(templates), model_name)
+    classifier = class_embeddings(model, classnames, templates, config.context_length).cpu().numpy()
+
+    result = classify_images(records, source, classifier, model.image_size, config)
+    ok = result["ok"].astype(bool)
+    skipped = tuple(str(p) for p in result["path"][~ok])
+    for path, error in zip(result["path"][~ok], result["error"][~ok]):
+        log.warning("skipped %s: %s", path, error)
+    if index is not None and skipped:
+        raise ValueError(f"--index needs every image, but {len(skipped)} could not be read (first: {skipped[0]})")
+    probs, labels = result["probs"][ok], result["label"][ok].astype(np.int64)
+    if index is not None:
+        probs, labels = probs[index], labels[index]
+    output = Path(config.save_dir) / f"{config.dataset}.json"
+    write_elevater_json(output, elevater_json(model, model_name, config.dataset, probs))
+    outcome = ZeroShotResult(topk_accuracy(probs, labels, 1), topk_accuracy(probs, labels, 5), len(labels),
+                             len(classnames), skipped, str(output))
+    log.info("zeroshot-top1: %.4f, zeroshot-top5: %.4f over %d images (%d skipped) -> %s", outcome.top1,
+             outcome.top5, outcome.num_images, len(skipped), output)
+    return outcome
