@@ -3,6 +3,7 @@
 the weights; export to cn_clip and Hugging Face layouts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -136,27 +137,22 @@ def _head_width(vision: dict) -> int:
 
 def _infer_text(sd) -> TextConfig:
     vocab_size, hidden = sd["bert.embeddings.word_embeddings.weight"].shape
-    layers = _count(sd, r"bert\.encoder\.layer\.(\d+)\.")
-    intermediate = sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
-    return TextConfig(
+    shape = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        num_layers=layers,
-        num_heads=_text_heads(hidden, layers, intermediate),
-        intermediate_size=intermediate,
+        num_layers=_count(sd, r"bert\.encoder\.layer\.(\d+)\."),
+        intermediate_size=sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=sd["bert.embeddings.position_embeddings.weight"].shape[0],
         type_vocab_size=sd["bert.embeddings.token_type_embeddings.weight"].shape[0],
     )
-
-
-def _text_heads(hidden: int, layers: int, intermediate: int) -> int:
-    """Heads are invisible in the weights: take them from the named config of the
-    same shape, else BERT's usual 64-wide heads."""
+    # Heads and dropout are invisible in the weights: take them from the named config
+    # of the same shape, else BERT's usual 64-wide heads and 0.1 dropout.
     for name in config_names("text"):
         named = load_text_json(name)
-        if (named.hidden_size, named.num_layers, named.intermediate_size) == (hidden, layers, intermediate):
-            return named.num_heads
-    return max(1, hidden // 64)
+        if (named.hidden_size, named.num_layers, named.intermediate_size) == (
+                hidden, shape["num_layers"], shape["intermediate_size"]):
+            return dataclasses.replace(named, **shape)
+    return TextConfig(**shape, num_heads=max(1, hidden // 64))
 
 
 # ---------------------------------------------------------------- building

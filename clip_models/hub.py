@@ -13,6 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 _CN_CLIP_URL = "https://clip-cn-beijing.oss-cn-beijing.aliyuncs.com/checkpoints/"
+_QA_CLIP_URL = "https://huggingface.co/TencentARC/QA-CLIP/resolve/main/"  # TencentARC's model card links
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ RELEASES = {
     "ViT-L-14-336": Release(_CN_CLIP_URL + "clip_cn_vit-l-14-336.pt"),
     "ViT-H-14": Release(_CN_CLIP_URL + "clip_cn_vit-h-14.pt"),
     "RN50": Release(_CN_CLIP_URL + "clip_cn_rn50.pt"),
+    # QA-CLIP: same architectures and checkpoint layout as cn_clip, other weights.
+    "QA-CLIP-RN50": Release(_QA_CLIP_URL + "QA-CLIP-RN50.pt"),
+    "QA-CLIP-ViT-B-16": Release(_QA_CLIP_URL + "QA-CLIP-base.pt"),
+    "QA-CLIP-ViT-L-14": Release(_QA_CLIP_URL + "QA-CLIP-large.pt"),
 }
 
 

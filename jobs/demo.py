@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML recipe")
     parser.add_argument("--output-dir", help="where the demo writes its files")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"output_dir": args.output_dir}.items() if v is not None}
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     run_demo(config.build(DemoConfig, config.load_yaml(args.config), overrides))
 
 

@@ -82,3 +82,12 @@ def test_offline_message_says_what_to_fetch_and_where(tmp_path, monkeypatch):
 def test_released_names_point_at_the_cn_clip_files():
     assert hub.RELEASES["ViT-B-16"].url.endswith("/clip_cn_vit-b-16.pt")
     assert hub.RELEASES["RN50"].filename == "clip_cn_rn50.pt"
+
+
+def test_qa_clip_names_resolve_to_their_cached_files(tiny_rn, tmp_path):
+    """QA-CLIP ships cn_clip's checkpoint layout; a file already in the cache is used as is."""
+    release = hub.RELEASES["QA-CLIP-ViT-B-16"]
+    assert release.url == "https://huggingface.co/TencentARC/QA-CLIP/resolve/main/QA-CLIP-base.pt"
+    clip_models.export_cn_clip(tiny_rn, tmp_path / release.filename)
+    model, _ = clip_models.load("QA-CLIP-ViT-B-16", download_root=tmp_path)
+    assert model.config == tiny_rn.config

@@ -53,3 +53,15 @@ def test_retrieval_recall_counts_any_ground_truth_image():
     recall = retrieval_recall(samples)
     assert recall["valid_t2i_r1"] == 100.0
     assert recall["valid_i2t_r1"] == 100.0  # image 12's only text is text 2: found first
+
+
+@pytest.mark.parametrize("recipe", ["demo.yaml", "muge_finetune.yaml", "flickr30k_finetune.yaml"])
+def test_recipes_build_a_train_config(recipe):
+    from pathlib import Path
+
+    from clip_platform import config
+    from clip_platform.train import TrainConfig
+
+    data = config.load_yaml(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    train = config.build(TrainConfig, data.get("finetune", data))
+    assert train.lr and train.beta2 and train.batch_size >= 1

@@ -130,16 +130,3 @@ def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_
         torch.save(payload, out / name)
         log.info(f"Saved checkpoint {out / name} (epoch {epoch_number} @ {position.global_step} steps)")
 
-
-def latest_ray_checkpoint(run_storage: Path) -> Path | None:
-    """The furthest-trained Ray Train checkpoint under a run's storage directory."""
-    best, best_step = None, -1
-    for state in run_storage.glob(f"checkpoint_*/{STATE_FILE}"):
-        try:
-            step = json.loads(state.read_text())["position"]["global_step"]
-        except (OSError, ValueError, KeyError):
-            continue  # a partly written checkpoint is ignored
-        if step > best_step and (state.parent / MODEL_FILE).is_file():
-            best, best_step = state.parent, step
-    return best
-

@@ -69,7 +69,7 @@ def load_teacher(config: TrainConfig, device: torch.device):
 class Trainer:
     """State of one worker's run; methods are the phases of cn_clip's main/train."""
 
-    def __init__(self, config: TrainConfig, resume_dir: str | None = None):
+    def __init__(self, config: TrainConfig):
         self.config = config
         self.rank, self.world_size = world()
         seed_everything(config.seed)
@@ -85,7 +85,7 @@ class Trainer:
         self.last_validation: dict = {}
         self.bad_records: list[str] = []
         self.logger = checkpoints.RunLogger(config, self.rank)
-        self._restore(resume_dir)
+        self._restore()
 
     def _schedule_length(self) -> tuple[int, int]:
         steps = self.plan.steps_per_epoch
@@ -94,24 +94,24 @@ class Trainer:
         return steps * self.config.max_epochs, self.config.max_epochs
 
     # ------------------------------------------------------------ restore
-    def _restore(self, resume_dir: str | None) -> None:
+    def _restore(self) -> None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()  # set after a worker-group restart
+        # Ray Train hands back the run's latest checkpoint after a worker-group restart,
+        # and when a run of the same name and storage_path is started again.
+        checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                self._restore_ray_checkpoint(Path(directory), "Ray Train checkpoint")
-        elif resume_dir:
-            self._restore_ray_checkpoint(Path(resume_dir), "latest checkpoint of this run")
+                self._restore_ray_checkpoint(Path(directory))
         elif self.config.resume:
             self._restore_file(self.config.resume)
 
-    def _restore_ray_checkpoint(self, directory: Path, what: str) -> None:
+    def _restore_ray_checkpoint(self, directory: Path) -> None:
         state = json.loads((directory / checkpoints.STATE_FILE).read_text())
         self.engine.load_model_state(clip_models.read_checkpoint(directory / checkpoints.MODEL_FILE)[0])
         self.engine.load(directory, load_optimizer=True)
         self.position = Position(**state["position"])
-        self.logger.info(f"=> resumed from {what} {directory} at epoch {self.position.epoch + 1}, "
+        self.logger.info(f"=> resumed from checkpoint {directory} at epoch {self.position.epoch + 1}, "
                          f"step {self.position.global_step}")
 
     def _restore_file(self, path: str) -> None:
@@ -330,5 +330,5 @@ def retrieval_recall(samples: dict[int, tuple]) -> dict[str, float]:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point Ray Train runs on every worker."""
-    trainer = Trainer(loop_config["config"], loop_config.get("resume_dir"))
+    trainer = Trainer(loop_config["config"])
     trainer.fit()

@@ -3,18 +3,15 @@ then the run's summary and plot."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import latest_ray_checkpoint
 from .config import TrainConfig
 from .data import DECODE_CPUS, count_pairs
 from .loop import train_loop_per_worker
 from .plan import Plan
 from .plot import plot_run
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,13 +53,9 @@ def run_finetune(config: TrainConfig) -> FinetuneResult:
         ray.init()  # embedded local Ray, or the cluster of `ray job submit`
     check_resources(config, ray.cluster_resources())
     storage = config.storage_path or str(Path(config.logs).resolve() / "ray_results")
-    resume_dir = None
-    if "://" not in storage and (latest := latest_ray_checkpoint(Path(storage) / config.name)) is not None:
-        resume_dir = str(latest)
-        log.info("resuming run %s from its latest checkpoint %s", config.name, latest)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "resume_dir": resume_dir},
+        train_loop_config={"config": config},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
