@@ -62,6 +62,8 @@ class TrainConfig:
     vision_model: str = "ViT-B-16"  # a name in clip_models/configs
     text_model: str = "RoBERTa-wwm-ext-base-chinese"
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training (ViT only)
+    clip_weight_path: str | None = None  # OpenAI CLIP weights (JIT archive or state dict) for vision + logit_scale
+    bert_weight_path: str | None = None  # Chinese BERT weights (HF directory or state dict) for the text tower
     freeze_vision: bool = False
     grad_checkpointing: bool = False
     use_flash_attention: bool = False  # cn_clip flag; SDPA picks flash kernels on GPU regardless

@@ -51,6 +51,10 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: TrainConfig) -> clip_models.CLIP:
     model = clip_models.CLIP(config.model_config())
+    if config.clip_weight_path or config.bert_weight_path:
+        from clip_models.pretrained import init_from_pretrained
+
+        init_from_pretrained(model, config.clip_weight_path, config.bert_weight_path)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if config.freeze_vision:
