@@ -25,13 +25,43 @@ def tiny_rn() -> clip_models.CLIP:
     return clip_models.create_model(TINY_RN).eval()
 
 
+RAY_LOCAL_ARGS = dict(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+                      configure_logging=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """The one local Ray for the whole test session (2 CPUs, small object store)."""
+def _ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """The one local Ray of the test session (2 CPUs, small object store), started on
+    first use and again after a multi-node test replaced it."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
-    yield ray
+        ray.init(**RAY_LOCAL_ARGS)
+    return ray
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """A 4-node Ray cluster on this machine (ray.cluster_utils): a 1-CPU head and three
+    2-CPU worker nodes. Replaces the local Ray for the test; ray_local comes back after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False,
+                                                                object_store_memory=128 * 2**20))
+    for _ in range(3):
+        cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -82,6 +82,12 @@ class RunLogger:
         log.info("Validation Recall | " + " | ".join(f"{k[6:]}: {v:.2f}" for k, v in r.items() if "_r" in k))
         self._append("metrics.jsonl", {"step": position.global_step, **r})
 
+    def worker_nodes(self, nodes: list[dict]) -> None:
+        """Where each rank runs ({run}/workers.json): placement is visible after the fact."""
+        if self.enabled:
+            (self.config.run_dir / "workers.json").write_text(json.dumps(nodes, indent=1))
+            log.info(f"{len(nodes)} workers on {len({n['node_id'] for n in nodes})} node(s)")
+
     def metrics(self, m: dict) -> None:
         if self.enabled:
             self._append("metrics.jsonl", m)

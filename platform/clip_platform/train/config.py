@@ -87,12 +87,25 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint
 
     def __post_init__(self):
+        self._absolute_paths()
         self._check_choices()
         self._check_sizes()
         self._check_model()
         for name, value in default_optimizer_params(self.vision_model).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+
+    def _absolute_paths(self):
+        """Workers do not share the driver's working directory: local paths become absolute
+        (names such as --resume ViT-B-16 and URLs such as s3://... stay as given)."""
+        for name in ("train_data", "val_data", "logs", "storage_path", "resume", "clip_weight_path",
+                     "bert_weight_path", "teacher_model_name"):
+            value = getattr(self, name)
+            if not value or "://" in value:
+                continue
+            path = Path(value).expanduser()
+            if name in ("logs", "storage_path", "train_data", "val_data") or path.exists():
+                object.__setattr__(self, name, str(path.resolve()))
 
     def _check_choices(self):
         if not self.train_data:
@@ -137,7 +150,7 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.logs).resolve() / self.name
+        return Path(self.logs) / self.name
 
     @property
     def checkpoint_dir(self) -> Path:

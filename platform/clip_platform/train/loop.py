@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Trainer:
         self.last_validation: dict = {}
         self.bad_records: list[str] = []
         self.logger = checkpoints.RunLogger(config, self.rank)
+        self.logger.worker_nodes(gather_objects(worker_node(), merge=False))
         self._restore()
 
     def _schedule_length(self) -> tuple[int, int]:
@@ -291,6 +293,14 @@ class Trainer:
                                                 final, self.engine.optimizer_state_for_cn_clip())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self._saved_step = self.position.global_step
+
+
+def worker_node() -> dict:
+    import ray
+
+    context = ray.get_runtime_context()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return {"node_id": context.get_node_id(), "host": socket.gethostname(), "device": device}
 
 
 def gather_indices(micro: list[dict[str, np.ndarray]]) -> list[int]:

@@ -52,7 +52,7 @@ def run_finetune(config: TrainConfig) -> FinetuneResult:
     if not ray.is_initialized():
         ray.init()  # embedded local Ray, or the cluster of `ray job submit`
     check_resources(config, ray.cluster_resources())
-    storage = config.storage_path or str(Path(config.logs).resolve() / "ray_results")
+    storage = config.storage_path or str(Path(config.logs) / "ray_results")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config},
