@@ -55,7 +55,7 @@ def test_retrieval_recall_counts_any_ground_truth_image():
     assert recall["valid_i2t_r1"] == 100.0  # image 12's only text is text 2: found first
 
 
-@pytest.mark.parametrize("recipe", ["demo.yaml", "muge_finetune.yaml", "flickr30k_finetune.yaml"])
+@pytest.mark.parametrize("recipe", ["demo.yaml", "muge_finetune.yaml", "flickr30k_finetune.yaml", "flickr8k_cn.yaml"])
 def test_recipes_build_a_train_config(recipe):
     from pathlib import Path
 

@@ -79,7 +79,8 @@ class RunLogger:
                  f"{position.global_step} steps) | Valid Loss: {r['valid_loss']:.6f} | "
                  f"Image2Text Acc: {r['valid_i2t_acc'] * 100:.2f} | Text2Image Acc: {r['valid_t2i_acc'] * 100:.2f} | "
                  f"logit_scale: {model.logit_scale.item():.3f} | Valid Batch Size: {batch_size}")
-        log.info("Validation Recall | " + " | ".join(f"{k[6:]}: {v:.2f}" for k, v in r.items() if "_r" in k))
+        log.info("Validation Recall | " + " | ".join(f"{k[6:]}: {v:.2f}" for k, v in r.items()
+                                                     if "_r" in k or k.endswith("mean_recall")))
         self._append("metrics.jsonl", {"step": position.global_step, **r})
 
     def worker_nodes(self, nodes: list[dict]) -> None:

@@ -338,7 +338,10 @@ def retrieval_recall(samples: dict[int, tuple]) -> dict[str, float]:
         for k in (1, 5, 10):
             hits = [bool(truth[row][1] & {cols[j] for j in top[r, :k].tolist()}) for r, row in enumerate(rows)]
             result[f"valid_{name}_r{k}"] = 100.0 * sum(hits) / len(hits)
-    result["valid_mean_recall"] = sum(v for k, v in result.items() if "_r" in k) / 6
+    # clip-pytorch's report names: "Text R Mean" retrieves texts (i2t), "Image R Mean" images (t2i)
+    result["valid_text_r_mean"] = sum(result[f"valid_i2t_r{k}"] for k in (1, 5, 10)) / 3
+    result["valid_image_r_mean"] = sum(result[f"valid_t2i_r{k}"] for k in (1, 5, 10)) / 3
+    result["valid_mean_recall"] = (result["valid_text_r_mean"] + result["valid_image_r_mean"]) / 2
     return result
 
 
