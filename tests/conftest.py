@@ -37,8 +37,7 @@ def _ray_session():
     ray.shutdown()
 
 
-@pytest.fixture
-def ray_local(_ray_session):
+def start_local_ray():
     """The one local Ray of the test session (2 CPUs, small object store), started on
     first use and again after a multi-node test replaced it."""
     import ray
@@ -46,6 +45,11 @@ def ray_local(_ray_session):
     if not ray.is_initialized():
         ray.init(**RAY_LOCAL_ARGS)
     return ray
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    return start_local_ray()
 
 
 @pytest.fixture

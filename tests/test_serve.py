@@ -1,0 +1,145 @@
+"""The Serve application on a real local Ray, HTTP on 127.0.0.1 with a tiny model:
+every endpoint's happy path and bad inputs, batching across callers."""
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import clip_models
+from clip_platform.batch.features import Features, write_features_jsonl
+from conftest import TINY_VIT, start_local_ray
+
+pytestmark = pytest.mark.slow
+
+
+def png(colour="red", size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, _ray_session):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    start_local_ray()
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = clip_models.create_model(TINY_VIT).eval()
+    checkpoint = clip_models.save_checkpoint(model, root / "tiny.pt")
+    colours = ["red", "green", "blue", "yellow", "white", "black"]
+    preprocess = clip_models.image_transform(model.image_size)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(png(c)))) for c in colours])
+        vectors = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+    write_features_jsonl(root / "index.jsonl", Features(np.arange(100, 106), vectors), "image_id")
+    (root / "meta.jsonl").write_text("".join(f'{{"image_id": {100 + i}, "colour": "{c}"}}\n'
+                                             for i, c in enumerate(colours)))
+    port = free_port()
+    config = ServeConfig(checkpoints={"tiny": str(checkpoint), "other": str(checkpoint)},
+                         index=str(root / "index.jsonl"), index_metadata=str(root / "meta.jsonl"), max_items=8,
+                         max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="clip", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", model
+    serve.shutdown()
+
+
+def post(service, path, **kwargs):
+    return requests.post(service[0] + path, timeout=60, **kwargs)
+
+
+def test_health_models_docs_and_page(service):
+    url, _ = service
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6}
+    models = requests.get(url + "/models", timeout=30).json()
+    assert models["default"] == "tiny" and set(models["models"]) == {"tiny", "other"}
+    assert requests.get(url + "/docs", timeout=30).status_code == 200
+    assert "以文搜图" in requests.get(url + "/", timeout=30).text
+
+
+def test_embed_text_equals_the_model_and_reports_truncation(service):
+    _, model = service
+    reply = post(service, "/embed/text", json={"texts": ["一只猫", "猫" * 80]})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(["一只猫"])), dim=-1)[0]
+    torch.testing.assert_close(torch.tensor(body["embeddings"][0]), expected, atol=1e-5, rtol=0)
+    assert body["truncated"] == [False, True]
+
+
+def test_embed_image_json_and_multipart(service):
+    _, model = service
+    as_json = post(service, "/embed/image", json={"images": [b64(png("red"))]}).json()["embeddings"][0]
+    as_upload = post(service, "/embed/image", files=[("images", ("a.png", png("red"), "image/png"))]).json()
+    with torch.no_grad():
+        pixels = clip_models.image_transform(model.image_size)(Image.open(io.BytesIO(png("red"))))[None]
+        expected = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0]
+    torch.testing.assert_close(torch.tensor(as_json), expected, atol=1e-5, rtol=0)
+    assert as_upload["embeddings"][0] == pytest.approx(as_json, abs=1e-6)
+
+
+def test_openai_style_embeddings_mix_texts_and_images(service):
+    body = post(service, "/v1/embeddings", json={"input": ["红色", "data:image/png;base64," + b64(png())]}).json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    assert all(abs(np.linalg.norm(d["embedding"]) - 1) < 1e-4 for d in body["data"])
+
+
+def test_classify_and_search(service):
+    probs = post(service, "/classify", json={"image": b64(png("blue")), "labels": ["红色", "蓝色", "绿色"],
+                                              "templates": ["一张{}的图片", "{}"]}).json()["probs"]
+    assert len(probs) == 3 and sum(probs) == pytest.approx(1, abs=1e-5)
+    hits = post(service, "/search", json={"image": b64(png("green")), "top_k": 3}).json()["results"]
+    assert hits[0]["id"] == 101 and hits[0]["metadata"]["colour"] == "green"
+    assert [h["score"] for h in hits] == sorted([h["score"] for h in hits], reverse=True)
+    assert len(post(service, "/search", json={"text": "绿色", "top_k": 4}).json()["results"]) == 4
+
+
+@pytest.mark.parametrize("path, payload, status, message", [
+    ("/embed/text", {"texts": [""]}, 400, "non-empty"),
+    ("/embed/text", {"texts": ["a"] * 9}, 413, "limit is 8"),
+    ("/embed/text", {"texts": ["a"], "model": "nope"}, 404, "unknown model"),
+    ("/embed/text", {"texts": ["x" * 2000]}, 413, "limit"),
+    ("/embed/image", {"images": ["%%%not base64"]}, 400, "base64"),
+    ("/embed/image", {"images": [b64(b"plain text, not an image")]}, 400, "not a readable image"),
+    ("/embed/image", {"images": [b64(png(size=(2000, 2000)))]}, 400, "over the limit"),
+    ("/embed/image", {"images": [b64(b"x" * 300_000)]}, 400, "larger than"),
+    ("/search", {"text": "a", "image": b64(png())}, 400, "exactly one"),
+    ("/classify", {"image": b64(png()), "labels": ["a"], "templates": ["no placeholder"]}, 400, "{}"),
+    ("/embed/text", {"wrong": 1}, 422, ""),
+])
+def test_bad_inputs_are_4xx_with_a_message(service, path, payload, status, message):
+    reply = post(service, path, json=payload)
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+
+
+def test_concurrent_callers_share_batches(service):
+    texts = [f"第{i}段文字" for i in range(24)]
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda t: post(service, "/embed/text", json={"texts": [t]}), texts))
+    assert all(r.status_code == 200 for r in replies)
+    seen = requests.get(service[0] + "/models", timeout=30).json()["max_batch_seen"]
+    assert seen["text"] > 1  # @serve.batch gathered requests from different callers
+    assert requests.get(service[0] + "/healthz", timeout=30).status_code == 200  # still serving after the burst
