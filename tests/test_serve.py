@@ -18,6 +18,7 @@ from clip_platform.batch.features import Features, write_features_jsonl
 from conftest import TINY_VIT, start_local_ray
 
 pytestmark = pytest.mark.slow
+SERVICE_CHECKPOINTS: dict[str, str] = {}  # filled by the service fixture
 
 
 def png(colour="red", size=(40, 30)) -> bytes:
@@ -56,7 +57,8 @@ def service(tmp_path_factory, _ray_session):
     (root / "meta.jsonl").write_text("".join(f'{{"image_id": {100 + i}, "colour": "{c}"}}\n'
                                              for i, c in enumerate(colours)))
     port = free_port()
-    config = ServeConfig(checkpoints={"tiny": str(checkpoint), "other": str(checkpoint)},
+    SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(checkpoint))
+    config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS),
                          index=str(root / "index.jsonl"), index_metadata=str(root / "meta.jsonl"), max_items=8,
                          max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -143,3 +145,42 @@ def test_concurrent_callers_share_batches(service):
     seen = requests.get(service[0] + "/models", timeout=30).json()["max_batch_seen"]
     assert seen["text"] > 1  # @serve.batch gathered requests from different callers
     assert requests.get(service[0] + "/healthz", timeout=30).status_code == 200  # still serving after the burst
+
+
+def test_overload_answers_fast_503s(service):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    small = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), max_items=32, max_ongoing_requests=1,
+                        max_queued_requests=1, max_replicas=1)
+    serve.run(build_app(small), name="small", route_prefix="/small")
+    try:
+        texts = {"texts": [f"很长的一段用于制造负载的文字{i}" * 3 for i in range(32)]}
+        with ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(lambda _: post(service, "/small/embed/text", json=texts), range(24)))
+        codes = [r.status_code for r in replies]
+        assert 503 in codes and 200 in codes, codes
+        rejected = [r.elapsed.total_seconds() for r in replies if r.status_code == 503]
+        assert max(rejected) < 5  # refused at once, not after waiting in a pile
+    finally:
+        serve.delete("small")
+
+
+def test_killed_replica_is_replaced_and_requests_keep_succeeding(service):
+    import ray
+    import time
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "Encoder" in a["name"] and a["name"].startswith("SERVE_REPLICA::clip")]
+    assert names, "no Encoder replica found"
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    deadline, ok = time.time() + 90, 0
+    while time.time() < deadline and ok < 3:
+        try:
+            reply = post(service, "/embed/text", json={"texts": ["恢复了吗"]})
+            ok = ok + 1 if reply.status_code == 200 else 0
+        except requests.RequestException:
+            ok = 0
+        time.sleep(0.5)
+    assert ok == 3, "requests did not succeed again after the replica was killed"
