@@ -38,8 +38,9 @@ class ServeConfig:
     max_replicas: int = 2
     target_ongoing_requests: int = 8
     num_gpus: float = 0.0  # per Encoder replica; fractions share a GPU
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 256  # beyond this Serve answers 503 at once
+    num_cpus: float = 1.0  # per Encoder replica
+    max_ongoing_requests: int = 64  # requests a Gateway replica works on at once
+    max_queued_requests: int = 256  # requests waiting for a Gateway replica; beyond this Serve answers 503 at once
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -408,11 +409,13 @@ class Gateway:
 
 def build_app(config: ServeConfig):
     """The bound application: Gateway -> Encoder, with autoscaling and bounded queues."""
+    # Clients are bounded at the Gateway; each request fans out into one Encoder call per
+    # item, so the Encoder's queue is bounded by the Gateway's limits times max_items.
     encoder = Encoder.options(
-        ray_actor_options={"num_gpus": config.num_gpus, "num_cpus": 1},
+        ray_actor_options={"num_gpus": config.num_gpus, "num_cpus": config.num_cpus},
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests},
-        max_ongoing_requests=config.max_ongoing_requests, max_queued_requests=config.max_queued_requests,
+        max_ongoing_requests=max(config.max_ongoing_requests, 2 * config.max_batch_size), max_queued_requests=-1,
     ).bind(config)
     return Gateway.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=config.max_ongoing_requests,
                            max_queued_requests=config.max_queued_requests).bind(encoder, config)

@@ -60,7 +60,7 @@ def service(tmp_path_factory, _ray_session):
     SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(checkpoint))
     config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS),
                          index=str(root / "index.jsonl"), index_metadata=str(root / "meta.jsonl"), max_items=8,
-                         max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1)
+                         max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1, num_cpus=0.25)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="clip", route_prefix="/")
     yield f"http://127.0.0.1:{port}", model
@@ -153,7 +153,7 @@ def test_overload_answers_fast_503s(service):
     from serve.app import ServeConfig, build_app
 
     small = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), max_items=32, max_ongoing_requests=1,
-                        max_queued_requests=1, max_replicas=1)
+                        max_queued_requests=1, max_replicas=1, num_cpus=0.25)
     serve.run(build_app(small), name="small", route_prefix="/small")
     try:
         texts = {"texts": [f"很长的一段用于制造负载的文字{i}" * 3 for i in range(32)]}
