@@ -1,7 +1,7 @@
 """Bounded load test of the Serve text-embedding endpoint on loopback, against the
 offline batch throughput of the same model on the same machine (measured in this run).
 
-    python benchmarks/serve.py [--model ViT-Tiny@BERT-Tiny-chinese] [--clients 64] [--requests 2000]
+    python benchmarks/serve_load.py [--model ViT-Tiny@BERT-Tiny-chinese] [--clients 64] [--requests 2000]
 
 Each request embeds one text (the common case for an online service). Prints
 throughput, p50/p95/p99 latency, errors, and the ratio HTTP / offline (target >= 0.7).
