@@ -15,6 +15,8 @@ class DemoConfig:
     output_dir: str = "demo_output"  # everything the demo writes goes here
     synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig fields
     finetune: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    retrieval: dict[str, Any] = field(default_factory=dict)  # RetrievalEvalConfig fields for the test split
+    serve_port: int = 8000  # the smoke query's Serve HTTP port on 127.0.0.1
 
     def __post_init__(self):
         if not self.output_dir:
@@ -26,10 +28,10 @@ def make_data(config: DemoConfig) -> Path:
 
     out = Path(config.output_dir) / "data"
     if (out / "lmdb" / "valid" / "pairs").is_dir():
-        print(f"[1/2] synthetic dataset: reusing {out}")
+        print(f"[1/4] synthetic dataset: reusing {out}")
         return out
     make_synthetic(config_io.build(SyntheticConfig, {"lmdb": True, **config.synthetic}, {"output_dir": str(out)}))
-    print(f"[1/2] synthetic dataset written to {out}")
+    print(f"[1/4] synthetic dataset written to {out}")
     return out
 
 
@@ -40,12 +42,44 @@ def finetune(config: DemoConfig, data: Path):
              "logs": str(Path(config.output_dir) / "logs")}
     result = run_finetune(config_io.build(TrainConfig, config.finetune, paths))
     m = result.final_metrics
-    print(f"[2/2] finetuned: validation text→image R@1 {m.get('valid_t2i_r1', float('nan')):.1f}  "
+    print(f"[2/4] finetuned: validation text→image R@1 {m.get('valid_t2i_r1', float('nan')):.1f}  "
           f"R@5 {m.get('valid_t2i_r5', float('nan')):.1f}  image→text R@1 {m.get('valid_i2t_r1', float('nan')):.1f}  "
           f"mean recall {m.get('valid_mean_recall', float('nan')):.1f}")
     print(f"      checkpoint (cn_clip layout): {result.checkpoint}\n      curves: {result.plot}\n"
           f"      logs: {result.run_dir}")
     return result
+
+
+def retrieval(config: DemoConfig, data: Path, checkpoint: Path) -> dict:
+    from .batch.retrieval import RetrievalEvalConfig, format_table, retrieval_eval
+
+    out = Path(config.output_dir) / "retrieval" / "test"
+    summary = retrieval_eval(config_io.build(RetrievalEvalConfig, {"split": "test", **config.retrieval},
+                                             {"data_dir": str(data), "output_dir": str(out),
+                                              "resume": str(checkpoint)}))
+    print("[3/4] test split: embed -> KNN both ways -> cn_clip recall\n" + format_table(summary))
+    return summary
+
+
+def serve_smoke(config: DemoConfig, checkpoint: Path, index: Path) -> list[dict]:
+    """Start the Serve app on 127.0.0.1, ask one search and one classification, stop it."""
+    import requests
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": config.serve_port})
+    try:
+        serve.run(build_app(ServeConfig(checkpoints={"demo": str(checkpoint)}, index=str(index), max_replicas=1)),
+                  name="clip", route_prefix="/")
+        url = f"http://127.0.0.1:{config.serve_port}"
+        query = "左上角有一个红色的圆形"
+        hits = requests.post(url + "/search", json={"text": query, "top_k": 3}, timeout=120).json()["results"]
+        print(f"[4/4] Serve smoke query on {url}: /search {query!r} -> "
+              + ", ".join(f"image {h['id']} ({h['score']:.3f})" for h in hits))
+        return hits
+    finally:
+        serve.shutdown()
 
 
 def run_demo(config: DemoConfig) -> dict[str, float]:
@@ -58,6 +92,13 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
         return out
 
     data = timed("data", make_data, config)
-    timed("finetune", finetune, config, data)
-    print("\nDemo finished: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    result = timed("finetune", finetune, config, data)
+    summary = timed("retrieval", retrieval, config, data, result.checkpoint)
+    timed("serve", serve_smoke, config, result.checkpoint,
+          Path(config.output_dir) / "retrieval" / "test" / "features" / "images")
+    print(f"\nDemo finished in {sum(timings.values()):.0f}s ("
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
+    print(f"validation mean recall {result.final_metrics.get('valid_mean_recall', float('nan')):.1f}; "
+          f"test mean recall {summary['mean_recall']:.1f} (text→image R@1 {summary['t2i']['r1']:.1f}, "
+          f"image→text R@1 {summary['i2t']['r1']:.1f})")
     return timings
