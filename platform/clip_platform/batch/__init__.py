@@ -1,5 +1,8 @@
 """Batch jobs over the cluster, each a reader -> mapper -> writer testable without Ray:
 
+* `embed`       corpus embedding: sharded reader -> decode -> encoder actors -> writers (jobs/embed.py)
+* `embed_source`/`embed_store`  the embed job's deterministic input shards and resumable outputs
+* `retrieval`   one split: embed -> KNN both ways -> recall summary (jobs/retrieval_eval.py)
 * `features`    feature files (cn_clip JSONL, Parquet shards) read and written
 * `topk`        exact top-k with ties broken by id, mergeable across shards
 * `faiss_index` approximate indexes chosen by corpus size
