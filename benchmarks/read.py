@@ -5,7 +5,9 @@ Python loop doing what cn_clip's LMDBDataset does per record, on the same files.
     python benchmarks/read.py [--num-images 2000] [--resolution 256] [--image-size 224] [--num-cpus N]
 
 Prints one line per format with both rates and their ratio. The data is the
-synthetic dataset (written to a temporary directory, or --data-dir).
+synthetic dataset (written to a temporary directory, or --data-dir). The loop
+runs torch with one thread by default, as a cn_clip DataLoader worker does and
+as each Ray task does; on a shared machine, note the load average printed.
 """
 from __future__ import annotations
 
@@ -74,12 +76,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="map_batches batch size (default: none, so Ray fuses decoding into the read tasks)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--loop-threads", type=int, default=1,
+                        help="torch threads of the loop (1: one core, as a cn_clip DataLoader worker; Ray tasks "
+                             "also run one thread each)")
     parser.add_argument("--data-dir", default=None, help="reuse/write the synthetic dataset here")
     args = parser.parse_args()
 
     import ray
     import torch
 
+    torch.set_num_threads(args.loop_threads)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="read_bench_"))
     if not (data_dir / "lmdb" / "train").exists():
         make_synthetic(SyntheticConfig(str(data_dir), num_train=args.num_images, num_valid=16, num_test=0,

@@ -234,7 +234,7 @@ def test_lmdb_pair_shards_cover_every_record_exactly_once(dataset, tmp_path_fact
     lmdb_dir = tmp_path_factory.getbasetemp() / "shard_lmdb"
     if not (lmdb_dir / "train").exists():
         build_lmdb(BuildLmdbConfig(str(dataset), "train", lmdb_dir=str(lmdb_dir)))
-    tasks = LmdbPairsDatasource(lmdb_dir / "train").get_read_tasks(num_readers)
+    tasks = LmdbPairsDatasource(lmdb_dir / "train", min_rows_per_task=1).get_read_tasks(num_readers)
     assert len(tasks) == num_readers
     keys = [(r["image_id"], r["text_id"]) for r in run_tasks(tasks)]
     assert len(keys) == 80 and len(set(keys)) == 80
@@ -332,7 +332,7 @@ def test_lmdb_reader_skips_and_reports_hostile_and_broken_records(tmp_path):
     (split / "imgs").mkdir()
     write_raw_lmdb(split, pairs, images)
     counter = BadRecordCounter()
-    rows = run_tasks(LmdbPairsDatasource(split, counter).get_read_tasks(3))
+    rows = run_tasks(LmdbPairsDatasource(split, counter, min_rows_per_task=2).get_read_tasks(3))
     assert [(r["image_id"], r["text_id"]) for r in rows] == [(1, 10), (1, 15)]
     summary = counter.summary()
     assert summary.counts == {records.BAD_PICKLE: 1, records.MISSING_IMAGE: 1, records.BAD_BASE64: 1,
@@ -355,6 +355,12 @@ def test_decode_batch_drops_and_reports_undecodable_images():
     assert counter.summary().ids(records.BAD_IMAGE) == [2, 3, 4]
     empty = decode_batch({k: v[1:] for k, v in batch.items()}, clip_models.image_transform(16), 8)
     assert empty["image"].shape == (0, 3, 16, 16) and empty["tokens"].shape == (0, 8)
+    # Plain lists work too, and bytes ending in NUL (BMP row padding) keep every byte.
+    bmp = io.BytesIO()
+    Image.new("RGB", (3, 3), (0, 0, 0)).save(bmp, format="BMP")
+    assert bmp.getvalue().endswith(b"\x00")
+    out = decode_batch({"image": [bmp.getvalue()], "image_id": [7]}, clip_models.image_transform(4), 8, counter)
+    assert out["image"].shape == (1, 3, 4, 4) and out["image_id"].tolist() == [7]
 
 
 def test_join_check_names_missing_images_only_after_a_full_pass():

@@ -227,3 +227,13 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
     assert seen == num_images
     decoded_mib = num_images * 3 * image_size * image_size * 4 / 2**20
     assert spilled_mib() - spilled_before < decoded_mib / 4
+
+
+def test_empty_inputs_give_empty_datasets(ray_local, tmp_path):
+    with LmdbSplitWriter(tmp_path / "lmdb" / "train"):
+        pass
+    assert read_pairs(tmp_path / "lmdb" / "train").count() == 0
+    (tmp_path / "train_imgs.tsv").write_text("")
+    (tmp_path / "train_texts.jsonl").write_text("\n")
+    decoded = read_pairs(tmp_path, "train").map_batches(DecodeStage(IMAGE_SIZE, CONTEXT), batch_format="numpy")
+    assert decoded.count() == 0

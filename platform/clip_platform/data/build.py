@@ -133,6 +133,44 @@ def _use_ray(config: BuildLmdbConfig, tsv: str) -> bool:
     return os.path.getsize(tsv) >= config.ray_min_bytes
 
 
+def _write_images(writer: LmdbSplitWriter, tsv: str, use_ray: bool,
+                  bad: BadRecordCounter) -> tuple[set[int], dict[int, str]]:
+    """Store every readable image once; returns (stored ids, {rejected id: why})."""
+    stored: set[int] = set()
+    rejected: dict[int, str] = {}
+    for image_id, b64, where, error in _checked_images(tsv, use_ray):
+        if error:
+            kind, _, detail = error.partition("\t")
+            bad.report([BadRecord(kind, image_id, where, detail)])
+            if image_id is not None and image_id not in stored:
+                rejected[image_id] = kind
+        elif not writer.add_image(image_id, b64):
+            bad.report([BadRecord(DUPLICATE_ID, image_id, where, "image id seen before: kept the first")])
+        else:
+            stored.add(image_id)
+            rejected.pop(image_id, None)  # a later good copy of an id makes up for a bad one
+    return stored, rejected
+
+
+def _write_pairs(writer: LmdbSplitWriter, jsonl: str, tsv_name: str, stored: set[int], rejected: dict[int, str],
+                 bad: BadRecordCounter) -> None:
+    """One pair per (text, stored image it names), in file order, as cn_clip numbers them."""
+    name = Path(jsonl).name
+    with open(jsonl, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            record = parse_text_line(line, f"{name}:{number}")
+            if isinstance(record, BadRecord):
+                bad.report([record])
+                continue
+            for image_id in record.image_ids if record else ():
+                if image_id in stored:
+                    writer.add_pair(image_id, record.text_id, record.text)
+                    continue
+                why = f"was {rejected[image_id]}" if image_id in rejected else f"is not in {tsv_name}"
+                bad.report([BadRecord(MISSING_IMAGE, record.text_id, f"{name}:{number}",
+                                      f"pair skipped: image {image_id} {why}")])
+
+
 def build_split(config: BuildLmdbConfig, split: str) -> SplitReport:
     """Build {output_dir}/{split}; returns what was written and what was skipped."""
     tsv, jsonl = split_files(config.data_dir, split)
@@ -145,38 +183,10 @@ def build_split(config: BuildLmdbConfig, split: str) -> SplitReport:
     bad = BadRecordCounter()
     use_ray = _use_ray(config, tsv)
     log.info("split %s: validating images of %s (%s)", split, tsv, "Ray" if use_ray else "one process")
-
     with LmdbSplitWriter(building) as writer:
-        stored, rejected = set(), {}
-        for image_id, b64, where, error in _checked_images(tsv, use_ray):
-            if error:
-                kind, _, detail = error.partition("\t")
-                bad.report([BadRecord(kind, image_id, where, detail)])
-                if image_id is not None and image_id not in stored:
-                    rejected[image_id] = kind
-            elif not writer.add_image(image_id, b64):
-                bad.report([BadRecord(DUPLICATE_ID, image_id, where, "image id seen before: kept the first")])
-            else:
-                stored.add(image_id)
-                rejected.pop(image_id, None)
-        text_bad: list[BadRecord] = []
-        with open(jsonl, "rb") as lines:
-            for number, line in enumerate(lines, 1):
-                record = parse_text_line(line, f"{Path(jsonl).name}:{number}")
-                if isinstance(record, BadRecord):
-                    text_bad.append(record)
-                    continue
-                for image_id in record.image_ids if record else ():
-                    if image_id in stored:
-                        writer.add_pair(image_id, record.text_id, record.text)
-                    else:
-                        why = f"image {image_id} was {rejected[image_id]}" if image_id in rejected else \
-                            f"image {image_id} is not in {Path(tsv).name}"
-                        text_bad.append(BadRecord(MISSING_IMAGE, record.text_id, f"{Path(jsonl).name}:{number}",
-                                                  f"pair skipped: {why}"))
-        bad.report(text_bad)
+        stored, rejected = _write_images(writer, tsv, use_ray, bad)
+        _write_pairs(writer, jsonl, Path(tsv).name, stored, rejected, bad)
         num_images, num_samples = writer.num_images, writer.num_samples
-
     _replace_dir(building, final)
     report = SplitReport(split, str(final), num_images, num_samples, bad.summary())
     log.info("%s", report)

@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 from . import lmdb_io
 from .bad_records import BadRecordSink, report
 from .files import list_files, resolve_filesystem
-from .records import BadRecord, TextRecord
 from .join import PairLines, TextIndex
+from .records import BadRecord, TextRecord
 from .sources import (ImageFilesDatasource, ImageLines, LinesDatasource, LmdbImagesDatasource, LmdbPairsDatasource,
                       TextLines, iter_line_rows)
 
@@ -75,7 +75,7 @@ def read_pairs(data_path: PathLike, split: str | None = None, *, bad_records: Ba
     `{split}_imgs.tsv` + `{split}_texts.jsonl` (local or a URI). When a dataset dir
     holds both, the TSV + JSONL files are used. `read_args` go to
     `ray.data.read_datasource` (e.g. `override_num_blocks`, `concurrency`)."""
-    if split is not None and not _is_local(data_path):
+    if split is not None and (filesystem is not None or not _is_local(data_path)):
         return read_pairs_tsv(*split_files(data_path, split), bad_records=bad_records, filesystem=filesystem,
                               **read_args)
     if split is not None:
@@ -122,7 +122,7 @@ def count_pairs(data_path: PathLike, split: str | None = None, filesystem: pafs.
     valid JSONL lines), without reading images. Bad records can make the stream shorter."""
     if split is not None:
         _, texts = split_files(data_path, split)
-        if not _is_local(data_path) or _local(texts).is_file():
+        if filesystem is not None or not _is_local(data_path) or _local(texts).is_file():
             fs, files = list_files(texts, filesystem, JSONL_SUFFIXES)
             return sum(len(row[2]) for row in iter_line_rows(fs, files, TextLines(require_image_ids=True), []))
     split_dir = _lmdb_split_dir(data_path, split)

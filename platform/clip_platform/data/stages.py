@@ -30,10 +30,20 @@ from .records import BAD_FIELD, BAD_IMAGE, BadRecord
 ID_COLUMNS = ("image_id", "text_id", "label")
 
 
+def _as_array(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values
+    array = np.asarray(values)
+    if array.dtype.kind in "SU":  # fixed-width bytes drop trailing NULs: image bytes must stay objects
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+    return array
+
+
 def _as_numpy_batch(batch: Any) -> dict[str, np.ndarray]:
     """Ray hands batches as dicts of arrays, DataFrames or Arrow tables; accept all."""
     if isinstance(batch, Mapping):
-        return {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        return {k: _as_array(v) for k, v in batch.items()}
     if hasattr(batch, "to_pydict"):  # pyarrow.Table
         return {k: np.asarray(v, dtype=object) for k, v in batch.to_pydict().items()}
     return {k: batch[k].to_numpy() for k in batch.columns}  # pandas.DataFrame
