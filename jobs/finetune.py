@@ -12,8 +12,17 @@ cn_clip-style: --train-data D/lmdb/train --val-data D/lmdb/valid --vision-model 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from clip_platform import cli, config
+
+
+def make_demo_data(recipe: dict) -> None:
+    """A demo recipe (one with a `synthetic:` section) brings its own data: under `ray job
+    submit --working-dir .` the job runs in an uploaded copy of the code, without demo_output/."""
+    from clip_platform.demo import DemoConfig, make_data
+
+    make_data(config.build(DemoConfig, recipe))
 
 
 def main(argv=None) -> None:
@@ -23,9 +32,11 @@ def main(argv=None) -> None:
     parser.add_argument("--config", help="YAML recipe (its `finetune:` section, or the whole file); flags override it")
     config.add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
-    recipe = config.load_yaml(args.config) if args.config else {}
-    recipe = recipe.get("finetune", recipe)
-    result = run_finetune(config.build(TrainConfig, recipe, config.overrides(args, TrainConfig)))
+    whole = config.load_yaml(args.config) if args.config else {}
+    train_config = config.build(TrainConfig, whole.get("finetune", whole), config.overrides(args, TrainConfig))
+    if "synthetic" in whole and not Path(train_config.train_data).exists():
+        make_demo_data(whole)
+    result = run_finetune(train_config)
     print(f"checkpoint: {result.checkpoint}\nlogs and curves: {result.run_dir}")
     for key in ("valid_t2i_r1", "valid_i2t_r1", "valid_mean_recall"):
         if key in result.final_metrics:
