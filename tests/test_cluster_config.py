@@ -37,3 +37,17 @@ def test_kuberay_manifests_are_valid_yaml_with_their_kinds():
     job = manifests["rayjob-finetune.yaml"]
     assert job["spec"]["entrypoint"].startswith("python jobs/finetune.py")
     assert (ROOT / job["spec"]["entrypoint"].split()[1]).is_file()
+
+
+def test_rayservice_runs_the_serve_config_application():
+    from serve.app import ServeConfig
+
+    service = yaml.safe_load((ROOT / "platform" / "kuberay" / "rayservice-clip.yaml").read_text())
+    assert service["kind"] == "RayService"
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    [local] = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"]
+    assert app["import_path"] == local["import_path"] == "serve.app:app_builder"
+    ServeConfig(**app["args"])  # every arg is a ServeConfig field with a valid value
+    ServeConfig(**local["args"])
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"dashboard", "serve"} <= {port["name"] for port in head["ports"]}
