@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -15,15 +14,9 @@ from PIL import Image
 from clip_platform import cli
 from clip_platform.data import iter_texts, lmdb_io, read_labels, records
 from clip_platform.data.synthetic import COLOURS, COUNTS, POSITIONS, SHAPES
+from helpers import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def digest(directory: Path) -> str:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import clip_models
-from clip_platform.data import SyntheticConfig, make_synthetic
 from clip_platform.train import TrainConfig, run_finetune
 from cn_clip_ref import cn_clip_model
+from helpers import sample_log, synthetic_lmdb
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(SyntheticConfig(str(out), num_train=128, num_valid=48, num_test=8, resolution=32, lmdb=True,
-                                   zeroshot_per_class=0))
-    return out / "lmdb"
+    return synthetic_lmdb(tmp_path_factory.mktemp("synthetic"), num_valid=48)
 
 
 def tiny(dataset, logs, **overrides) -> TrainConfig:
@@ -40,15 +37,6 @@ def tiny(dataset, logs, **overrides) -> TrainConfig:
 def train_metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
-
-
-def sample_log(run_dir: Path) -> dict[int, list[int]]:
-    """The last record of each step (a restored run repeats the steps after its checkpoint)."""
-    steps = {}
-    for line in (run_dir / "sample_ids.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        steps[record["step"]] = record["indices"]
-    return steps
 
 
 def final_state(result) -> dict[str, torch.Tensor]:

@@ -9,18 +9,15 @@ import time
 
 import pytest
 
-from clip_platform.data import SyntheticConfig, make_synthetic
 from clip_platform.train import TrainConfig, run_finetune
+from helpers import sample_log, synthetic_lmdb
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lmdb(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(SyntheticConfig(str(out), num_train=128, num_valid=1, num_test=1, resolution=32, lmdb=True,
-                                   zeroshot_per_class=0))
-    return out / "lmdb"
+    return synthetic_lmdb(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_workers_spread_over_nodes_and_survive_losing_one(lmdb, tmp_path, ray_cluster):
@@ -54,10 +51,6 @@ def test_workers_spread_over_nodes_and_survive_losing_one(lmdb, tmp_path, ray_cl
         text = log_file.read_text()
         first_placement = first_placement or text
     assert "2 workers on 2 node(s)" in first_placement
-    steps = {}
-    for line in (result.run_dir / "sample_ids.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        steps[record["step"]] = record["indices"]
-    assert sorted(steps) == list(range(1, 41))
+    assert sorted(sample_log(result.run_dir)) == list(range(1, 41))
     log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
     assert "=> resumed from checkpoint" in log_text

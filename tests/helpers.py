@@ -1,0 +1,35 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_job(name: str):
+    """jobs/{name}.py as a module (the jobs are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_lmdb(out: Path, num_train: int = 128, num_valid: int = 1) -> Path:
+    """A small synthetic dataset (32 px) with its LMDB splits; returns its lmdb/ directory."""
+    from clip_platform.data import SyntheticConfig, make_synthetic
+
+    make_synthetic(SyntheticConfig(str(out), num_train=num_train, num_valid=num_valid, num_test=8, resolution=32,
+                                   lmdb=True, zeroshot_per_class=0))
+    return out / "lmdb"
+
+
+def sample_log(run_dir: Path) -> dict[int, list[int]]:
+    """Sample indices per step of a run with record_sample_ids; the last record of each step
+    counts (a restored run repeats the steps after its checkpoint)."""
+    steps = {}
+    for line in (run_dir / "sample_ids.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record["indices"]
+    return steps
