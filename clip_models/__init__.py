@@ -20,13 +20,13 @@ from .hub import RELEASES
 from .loss import contrastive_loss
 from .model import CLIP
 from .tokenizer import preprocess_text, tokenize
-from .transforms import decode_image, image_transform, train_transform
+from .transforms import decode_image, image_transform, normalize_pixels, train_transform
 
 __all__ = [
     "CLIP", "CLIPConfig", "CheckpointError", "TextConfig", "VisionConfig", "available_models", "build_model",
     "config_from_names", "config_from_struct", "contrastive_loss", "create_model", "decode_image",
     "export_cn_clip", "export_hf", "image_transform", "infer_config", "load", "load_from_name", "load_model",
-    "preprocess_text", "read_checkpoint", "resolve", "save_checkpoint", "tokenize", "train_transform",
+    "normalize_pixels", "preprocess_text", "read_checkpoint", "resolve", "save_checkpoint", "tokenize", "train_transform",
 ]
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from .bert import BertModel
 from .config import CLIPConfig
 from .resnet import ModifiedResNet
+from .transforms import normalize_pixels
 from .vit import VisionTransformer
 
 PAD_ID = 0  # "[PAD]" in the Chinese BERT vocabulary
@@ -63,7 +64,10 @@ class CLIP(nn.Module):
         return self
 
     def encode_image(self, image: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
-        """Unnormalised image features [N, embed_dim]."""
+        """Unnormalised image features [N, embed_dim] of preprocessed images: normalised floats
+        (cn_clip's preprocess) or uint8 pixels (a `pixels=True` transform), normalised here."""
+        if image.dtype == torch.uint8:
+            image = normalize_pixels(image)
         return self.visual(image.to(self.dtype), mask_ratio)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:

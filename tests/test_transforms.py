@@ -63,6 +63,27 @@ def test_train_transform_without_augment_is_the_inference_transform():
     torch.testing.assert_close(plain(image), clip_models.image_transform(24)(image))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
+def test_pixels_normalised_later_equal_the_full_transform(mode, tiny_vit):
+    image = checkerboard(mode)
+    pixels = clip_models.image_transform(24, pixels=True)(image)
+    assert pixels.shape == (3, 24, 24) and pixels.dtype == torch.uint8
+    assert torch.equal(clip_models.normalize_pixels(pixels), clip_models.image_transform(24)(image))
+    full = clip_models.image_transform(tiny_vit.image_size)
+    raw = clip_models.image_transform(tiny_vit.image_size, pixels=True)
+    with torch.no_grad():
+        assert torch.equal(tiny_vit.encode_image(torch.stack([raw(image)])),
+                           tiny_vit.encode_image(torch.stack([full(image)])))
+
+
+def test_augmented_pixels_are_uint8_and_pickle():
+    import pickle
+
+    augment = pickle.loads(pickle.dumps(clip_models.train_transform(32, use_augment=True, pixels=True)))
+    out = augment(checkerboard(size=(64, 48)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and out.max() > 0
+
+
 def test_train_transform_pickles_for_ray_workers():
     import pickle
 
