@@ -106,7 +106,7 @@ def count_pairs(path: str) -> int:
 
 
 class SampleDecoder:
-    """map_batches callable: pair indices -> image tensors, token ids, ids, validity."""
+    """map_batches callable: pair indices -> uint8 image pixels, token ids, ids, validity."""
 
     def __init__(self, source: str, image_size: int, context_length: int, use_augment: bool = False):
         self.pairs = open_pairs(source)
@@ -116,7 +116,7 @@ class SampleDecoder:
         self._post_init()
 
     def _post_init(self):
-        self._transform = clip_models.train_transform(self.image_size, self.use_augment)
+        self._transform = clip_models.train_transform(self.image_size, self.use_augment, pixels=True)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_transform"}
@@ -128,7 +128,7 @@ class SampleDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         indices = batch["data"].astype(np.int64)
         n, size = len(indices), self.image_size
-        images = np.zeros((n, 3, size, size), dtype=np.float32)
+        images = np.zeros((n, 3, size, size), dtype=np.uint8)  # the model normalises them on its device
         texts = [""] * n
         out = {"index": indices, "image_id": np.full(n, -1), "text_id": np.full(n, -1),
                "valid": np.ones(n, dtype=bool), "error": np.full(n, "", dtype=object)}
