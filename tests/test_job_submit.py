@@ -38,7 +38,8 @@ def ray_cli(*args, env, timeout, **kwargs) -> subprocess.CompletedProcess:
 def head():
     """A `ray start --head --block` of its own, stopped by signalling its process group."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # ray.init() in this process sets RAY_AUTH_MODE=token
+        env.pop(name, None)
     dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's unix sockets live under it
     process = subprocess.Popen(
