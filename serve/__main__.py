@@ -1,8 +1,10 @@
 """Start the Serve application on an embedded local Ray:
 
-    python -m serve --checkpoint CKPT [--checkpoint name=CKPT ...] [--index DIR] [--host 127.0.0.1] [--port 8000]
+    python -m serve --checkpoint CKPT [--checkpoint name=CKPT ...] [--index DIR] [--index-images TSV]
+                    [--host 127.0.0.1] [--port 8000] [--torch-threads N]
 
-CKPT is anything clip_models.load accepts. Binds 127.0.0.1 unless told otherwise.
+CKPT is anything clip_models.load accepts; several are multiplexed over the Encoder replicas
+and chosen per request with "model". Binds 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -31,12 +33,20 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", action="append", required=True, help="[name=]checkpoint; repeat for more")
     parser.add_argument("--index", help="image features from jobs/embed.py for POST /search")
     parser.add_argument("--index-metadata", help="JSONL of {image_id, ...} returned with search hits")
+    parser.add_argument("--index-images", help="cn_clip {split}_imgs.tsv: the web page shows the hits' images")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-replicas", type=int, default=2)
+    parser.add_argument("--max-models-per-replica", type=int, default=ServeConfig.max_models_per_replica,
+                        help="checkpoints one Encoder replica keeps loaded (least recently used go first)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads per Encoder replica (0: one per reserved CPU); on a CPU-only "
+                             "machine with one replica, give it the number of cores")
     args = parser.parse_args(argv)
     config = ServeConfig(checkpoints=parse_checkpoints(args.checkpoint), index=args.index,
-                         index_metadata=args.index_metadata, max_replicas=args.max_replicas)
+                         index_metadata=args.index_metadata, index_images=args.index_images,
+                         max_replicas=args.max_replicas, max_models_per_replica=args.max_models_per_replica,
+                         torch_threads=args.torch_threads)
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name="clip", route_prefix="/")

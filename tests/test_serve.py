@@ -1,11 +1,16 @@
-"""The Serve application on a real local Ray, HTTP on 127.0.0.1 with a tiny model:
-every endpoint's happy path and bad inputs, batching across callers."""
+"""The Serve application on a real local Ray, HTTP on 127.0.0.1 with two tiny models:
+every endpoint's happy path and bad inputs, batching across callers, model multiplexing,
+and the web page in headless Chromium."""
 from __future__ import annotations
 
 import base64
 import io
+import os
+import shutil
 import socket
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +24,7 @@ from conftest import TINY_VIT, start_local_ray
 
 pytestmark = pytest.mark.slow
 SERVICE_CHECKPOINTS: dict[str, str] = {}  # filled by the service fixture
+MODELS: dict[str, clip_models.CLIP] = {}  # the same models, in this process
 
 
 def png(colour="red", size=(40, 30)) -> bytes:
@@ -48,6 +54,9 @@ def service(tmp_path_factory, _ray_session):
     torch.manual_seed(0)
     model = clip_models.create_model(TINY_VIT).eval()
     checkpoint = clip_models.save_checkpoint(model, root / "tiny.pt")
+    torch.manual_seed(1)  # a second, different checkpoint: multiplexed beside the first
+    other = clip_models.create_model(TINY_VIT).eval()
+    other_checkpoint = clip_models.save_checkpoint(other, root / "other.pt")
     colours = ["red", "green", "blue", "yellow", "white", "black"]
     preprocess = clip_models.image_transform(model.image_size)
     with torch.no_grad():
@@ -56,13 +65,16 @@ def service(tmp_path_factory, _ray_session):
     write_features_jsonl(root / "index.jsonl", Features(np.arange(100, 106), vectors), "image_id")
     (root / "meta.jsonl").write_text("".join(f'{{"image_id": {100 + i}, "colour": "{c}"}}\n'
                                              for i, c in enumerate(colours)))
+    (root / "test_imgs.tsv").write_text("".join(f"{100 + i}\t{b64(png(c))}\n" for i, c in enumerate(colours)))
     port = free_port()
-    SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(checkpoint))
-    config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS),
-                         index=str(root / "index.jsonl"), index_metadata=str(root / "meta.jsonl"), max_items=8,
-                         max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1, num_cpus=0.25)
+    SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(other_checkpoint))
+    config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), index=str(root / "index.jsonl"),
+                         index_metadata=str(root / "meta.jsonl"), index_images=str(root / "test_imgs.tsv"),
+                         max_items=8, max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1,
+                         num_cpus=0.25)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="clip", route_prefix="/")
+    MODELS.update(tiny=model, other=other)
     yield f"http://127.0.0.1:{port}", model
     serve.shutdown()
 
@@ -73,7 +85,7 @@ def post(service, path, **kwargs):
 
 def test_health_models_docs_and_page(service):
     url, _ = service
-    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6}
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6, "images": 6}
     models = requests.get(url + "/models", timeout=30).json()
     assert models["default"] == "tiny" and set(models["models"]) == {"tiny", "other"}
     assert requests.get(url + "/docs", timeout=30).status_code == 200
@@ -116,6 +128,10 @@ def test_classify_and_search(service):
     assert hits[0]["id"] == 101 and hits[0]["metadata"]["colour"] == "green"
     assert [h["score"] for h in hits] == sorted([h["score"] for h in hits], reverse=True)
     assert len(post(service, "/search", json={"text": "绿色", "top_k": 4}).json()["results"]) == 4
+    assert hits[0]["image_url"] == "images/101"
+    image = requests.get(service[0] + "/images/101", timeout=30)
+    assert image.headers["content-type"] == "image/png" and image.content == png("green")
+    assert requests.get(service[0] + "/images/999", timeout=30).status_code == 404
 
 
 @pytest.mark.parametrize("path, payload, status, message", [
@@ -184,3 +200,142 @@ def test_killed_replica_is_replaced_and_requests_keep_succeeding(service):
             ok = 0
         time.sleep(0.5)
     assert ok == 3, "requests did not succeed again after the replica was killed"
+
+
+# ---------------------------------------------------------------- model multiplexing
+
+def expected_text(name: str, texts: list[str]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.nn.functional.normalize(MODELS[name].encode_text(clip_models.tokenize(texts)), dim=-1)
+
+
+def test_two_multiplexed_models_are_served_and_differ(service):
+    models = requests.get(service[0] + "/models", timeout=60).json()
+    assert set(models["models"]) == {"tiny", "other"} and models["max_models_per_replica"] >= 2
+    assert all(info["struct"] and info["embed_dim"] for info in models["models"].values())
+    texts = ["一只猫", "北京的夜景"]
+    tiny = post(service, "/embed/text", json={"texts": texts, "model": "tiny"}).json()
+    other = post(service, "/embed/text", json={"texts": texts, "model": "other"}).json()
+    assert (tiny["model"], other["model"]) == ("tiny", "other")
+    torch.testing.assert_close(torch.tensor(tiny["embeddings"]), expected_text("tiny", texts), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(other["embeddings"]), expected_text("other", texts), atol=1e-5, rtol=0)
+    assert np.abs(np.array(tiny["embeddings"]) - np.array(other["embeddings"])).max() > 1e-2
+    image = post(service, "/v1/embeddings", json={"input": ["data:image/png;base64," + b64(png())], "model": "other",
+                                                  "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    with torch.no_grad():
+        pixels = clip_models.image_transform(MODELS["other"].image_size)(Image.open(io.BytesIO(png())))[None]
+        expected = torch.nn.functional.normalize(MODELS["other"].encode_image(pixels), dim=-1)[0]
+    torch.testing.assert_close(torch.from_numpy(np.frombuffer(base64.b64decode(image), "<f4").copy()), expected,
+                               atol=1e-5, rtol=0)
+
+
+def test_concurrent_requests_for_two_models_are_batched_per_model(service):
+    jobs = [(("tiny", "other")[i % 2], f"第{i}句话") for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda job: post(service, "/embed/text", json={"texts": [job[1]], "model": job[0]}),
+                                jobs))
+    for (name, text), reply in zip(jobs, replies):
+        assert reply.status_code == 200, reply.text
+        torch.testing.assert_close(torch.tensor(reply.json()["embeddings"][0]), expected_text(name, [text])[0],
+                                   atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the web page in headless Chromium
+
+def has_cjk_font() -> bool:
+    try:
+        return bool(subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def chromium_paths() -> tuple[str, str]:
+    """(chromium, chromedriver), installing Debian's packages when they are absent (and a
+    Chinese font, so the screenshot shows the page's text rather than empty boxes)."""
+    def found():
+        return shutil.which("chromium"), shutil.which("chromedriver")
+
+    packages = ([] if all(found()) else ["chromium", "chromium-driver"]) + ([] if has_cjk_font() else ["fonts-wqy-zenhei"])
+    if packages and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+        try:
+            done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode:  # stale package lists: refresh once and retry
+                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+                done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+            reason = done.stderr.strip()[-500:]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = str(exc)
+    else:
+        reason = "no root apt-get to install them"
+    if not all(found()):
+        pytest.skip(f"chromium/chromedriver absent and could not be installed: {reason}")
+    return found()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency (pip install -e .[dev])")
+    chromium, chromedriver = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium  # given explicitly, so Selenium Manager never downloads a browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1000,1700", "--lang=zh-CN"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_web_page_searches_and_classifies_in_headless_chromium(service, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url, _ = service
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    assert "中文 CLIP" in browser.title
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2)  # filled from GET /models
+    assert "6" in browser.find_element(By.ID, "health").text
+
+    browser.find_element(By.ID, "query").send_keys("左上角有一个绿色的圆形")
+    browser.find_element(By.ID, "search").click()
+    hits = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .hit"))
+    assert len(hits) == 6  # top_k 8 over an index of 6
+    ids = [int(h.get_attribute("data-id")) for h in hits]
+    assert sorted(ids) == list(range(100, 106))
+    assert all(h.find_element(By.CLASS_NAME, "meta").text.startswith('{"image_id"') for h in hits)
+    images = browser.find_elements(By.CSS_SELECTOR, "#results .hit img")
+    assert len(images) == 6
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+                             for img in images))  # the thumbnails really loaded from GET /images/{id}
+    assert images[0].get_attribute("naturalWidth") == "40"
+
+    # Search by image: the file input takes a path; the green square's own image ranks first.
+    picture = tmp_path / "green.png"
+    picture.write_bytes(png("green"))
+    browser.find_element(By.ID, "file").send_keys(str(picture))
+    wait.until(expected_conditions.visibility_of_element_located((By.ID, "preview")))
+    browser.find_element(By.ID, "search-image").click()
+    wait.until(expected_conditions.staleness_of(hits[0]))  # the text search's results were replaced
+    hits = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .hit"))
+    assert hits[0].get_attribute("data-id") == "101" and "相似度 1.000" in hits[0].text
+
+    Select(browser.find_element(By.ID, "model")).select_by_value("other")
+    browser.find_element(By.ID, "classify").click()
+    wait.until(lambda d: "%" in d.find_element(By.ID, "probs").text)
+    lines = browser.find_element(By.ID, "probs").text.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["红色的圆形", "蓝色的正方形", "绿色的三角形"]
+    assert sum(float(line.split(": ")[1].rstrip("%")) for line in lines) == pytest.approx(100, abs=0.5)
+
+    browser.execute_script("window.scrollTo(0, 0)")
+    screenshot = tmp_path / "serve_page.png"
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+    copy = Path(__file__).resolve().parents[1] / "demo_output" / "serve_page.png"  # gitignored
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy(screenshot, copy)
+    print(f"\nscreenshot of the page: {screenshot} (copy: {copy})")
