@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import lmdb
-import numpy as np
 import ray
 import torch
 

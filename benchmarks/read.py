@@ -57,8 +57,14 @@ def loop_tsv(data_dir: Path, split: str, image_size: int, context_length: int) -
 
 
 def through_ray(dataset, image_size: int, context_length: int, batch_size: int | None) -> int:
+    """Records through Ray; the stage ships uint8 pixels, normalised here so both sides
+    end with the same float32 arrays."""
     ds = dataset.map_batches(DecodeStage(image_size, context_length), batch_format="numpy", batch_size=batch_size)
-    return sum(len(batch["image_id"]) for batch in ds.iter_batches(batch_size=256, batch_format="numpy"))
+    done = 0
+    for batch in ds.iter_torch_batches(batch_size=256):
+        clip_models.normalize_pixels(batch["image"])
+        done += len(batch["image_id"])
+    return done
 
 
 def rate(fn, *args) -> tuple[float, int]:

@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image features JSONL (default: <text-data stem>_imgs.img_feat.jsonl)")
     parser.add_argument("--text-feat-output-path", default=None,
                         help="text features JSONL (default: <text-data stem>.txt_feat.jsonl)")
-    parser.add_argument("--img-batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--img-batch-size", type=int, default=64, help="images per batch (CPU encoders: at most 16)")
     parser.add_argument("--text-batch-size", type=int, default=64, help="texts per batch")
     parser.add_argument("--context-length", type=int, default=52, help="token limit per text")
     parser.add_argument("--resume", default=None, help="checkpoint: cn_clip .pt, Hugging Face dir or ours")
@@ -49,7 +49,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=None, help="write sharded output to <dir>/images and <dir>/texts")
     parser.add_argument("--format", choices=FORMATS, default="parquet", help="shard format in --output-dir")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
-    parser.add_argument("--concurrency", type=int, default=0, help="encoder actors (0: per GPU, or per node)")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="encoder actors (0: one per GPU, or per core up to 4 a node)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU encoder actor (0: auto)")
     parser.add_argument("--rows-per-shard", type=int, default=10000, help="records per shard (resume unit)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another input or model")

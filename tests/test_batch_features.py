@@ -71,7 +71,7 @@ def test_parquet_written_by_others_with_variable_lists_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"image_id": 1, "feature": [1, 2]}', '{"image_id": 2, "feature": [1, 2'], "line 2 is not valid JSON"),
+    (['{"image_id": 1, "feature": [1, 2]}', '{"image_id": 2, "feature": [1, 2'], "line 2: cannot parse as JSON"),
     (['{"image_id": 1, "feature": [1, 2]}', '{"image_id": 2, "feature": [1]}'], "line 2: feature has 1 values"),
     (['{"image_id": 1, "feature": [1, 2]}', '{"image_id": "2", "feature": [1, 2]}'], "line 2: image_id must be an"),
     (['{"image_id": 1, "feature": [1, 2]}', '', '{"image_id": 2}'], "line 3: 'feature' must be"),

@@ -2,7 +2,6 @@
 included) across shards and blocks; FAISS reports its recall; bad input is a user error."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,19 +9,12 @@ import numpy as np
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.faiss_index import choose_index
+from clip_platform.batch.faiss_index import FaissSpec, build_index, choose_index, search_index
 from clip_platform.batch.features import Features, write_features_jsonl, write_features_parquet
 from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search, recall_at_k
+from helpers import load_job
 from test_batch_features import brute_force, tied_features
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_lines(path) -> list[dict]:
@@ -97,11 +89,26 @@ def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tm
 def test_index_choice_follows_corpus_size():
     assert choose_index(10_000, 512).factory == "HNSW32,Flat"
     big = choose_index(1_000_000, 512)
-    assert big.factory == "IVF1024,PQ128x4fs,RFlat" and big.nprobe == 64 and big.k_factor == 8
+    assert big.factory == "IVF256,PQ64x4fs" and big.nprobe == 32 and big.rerank == 16 and big.train_rows == 16384
     assert choose_index(100, 6, kind="ivf").factory == "IVF2,Flat"  # too few rows to train PQ, nlist fits the data
     assert choose_index(5000, 64, kind="IVF16,SQ8", nprobe=4).nprobe == 4
     with pytest.raises(ValueError, match="empty corpus"):
         choose_index(0, 512)
+
+
+def test_reranked_index_scores_candidates_exactly_across_shards():
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((2000, 16), dtype=np.float32)
+    queries = rng.standard_normal((30, 16), dtype=np.float32)
+    shards = [corpus[:700], corpus[700:1500], corpus[1500:]]
+    for shard in shards:
+        shard.setflags(write=False)  # as the object store hands them over: used in place
+    # Every list visited and k * rerank >= N: every row is a candidate, so the result is exact.
+    index = build_index(FaissSpec("IVF8,PQ2x4fs", nprobe=8, rerank=200, train_rows=2000), shards)
+    scores, ids = search_index(index, queries, np.arange(2000) + 100, 10)
+    exact = queries @ corpus.T
+    assert ids.tolist() == (np.argsort(-exact, axis=1)[:, :10] + 100).tolist()
+    np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :10], rtol=1e-5)
 
 
 def test_query_sample_is_uniform_and_bounded():

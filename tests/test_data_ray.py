@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
@@ -63,7 +64,8 @@ def collect(ds) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     for batch in ds.iter_batches(batch_size=7, batch_format="numpy"):
         for i, key in enumerate(zip(batch["image_id"].tolist(), batch["text_id"].tolist())):
             assert key not in out, f"{key} read twice"
-            out[key] = (torch.tensor(batch["image"][i]), torch.tensor(batch["tokens"][i]))
+            assert batch["image"].dtype == np.uint8  # pixels; the model normalises them
+            out[key] = (clip_models.normalize_pixels(torch.tensor(batch["image"][i])), torch.tensor(batch["tokens"][i]))
     return out
 
 
@@ -92,7 +94,7 @@ def test_training_augmentation_gives_model_ready_arrays(ray_local, dataset):
     ds = read_pairs(dataset / "lmdb" / "valid").map_batches(DecodeStage(IMAGE_SIZE, CONTEXT, use_augment=True),
                                                          batch_format="numpy", batch_size=4)
     batch = next(iter(ds.iter_torch_batches(batch_size=10)))
-    assert batch["image"].shape == (10, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (10, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.uint8
     assert batch["tokens"].shape == (10, CONTEXT) and batch["tokens"].dtype == torch.int64
 
 
@@ -197,7 +199,7 @@ def test_build_with_ray_equals_build_in_one_process(ray_local, dataset, tmp_path
 
 @pytest.mark.slow
 def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
-    # 1200 decoded 224 px images are ~690 MiB, ~3x the 256 MiB object store of the
+    # 4800 decoded 224 px images (uint8) are ~690 MiB, ~3x the 256 MiB object store of the
     # test cluster: backpressure must keep it streaming, not spill it all or crash.
     # Blocks must be small next to the store (Ray's default of 128 MiB is sized for
     # real clusters, whose stores hold many GiB): 16 MiB here.
@@ -210,7 +212,7 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
                           memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True))
         return int(found.group(1)) if found else 0
 
-    image_size, num_images = 224, 1200
+    image_size, num_images = 224, 4800
     small = base64.b64encode(jpeg(size=16)).decode()
     with LmdbSplitWriter(tmp_path / "big") as writer:
         for image_id in range(num_images):
@@ -225,7 +227,7 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
     finally:
         context.target_max_block_size = block_size
     assert seen == num_images
-    decoded_mib = num_images * 3 * image_size * image_size * 4 / 2**20
+    decoded_mib = num_images * 3 * image_size * image_size / 2**20
     assert spilled_mib() - spilled_before < decoded_mib / 4
 
 

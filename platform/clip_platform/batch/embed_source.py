@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,12 +34,12 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from ..data import ImageFilesDatasource, LinesDatasource, LmdbImagesDatasource, lmdb_io
+from ..data import LinesDatasource, lmdb_io
 from ..data.bad_records import report as log_bad_records
-from ..data.files import list_files, resolve_filesystem
-from ..data.readers import IMAGE_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, TSV_SUFFIXES
+from ..data.files import list_files
+from ..data.readers import JSONL_SUFFIXES, image_datasource
 from ..data.records import BadRecord
-from ..data.sources import ImageLines, TextLines
+from ..data.sources import TextLines
 
 MARKER_ROW = -1  # `row` of the end-of-shard marker
 SAMPLE_BYTES = 4 << 20  # bytes of a line file read to estimate its number of lines
@@ -297,54 +296,22 @@ def text_source(path: str) -> _Source:
     return _Source(datasource, _estimate_lines(fs, infos), _fingerprint("jsonl", path, infos), _num_compressed(infos))
 
 
-def _kind_of(name: str) -> str | None:
-    lower = name.lower()
-    for kind, suffixes in (("tsv", TSV_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("files", IMAGE_SUFFIXES)):
-        if lower.endswith(suffixes):
-            return kind
-    return None
-
-
-def _lmdb_imgs_dir(path: str) -> Path | None:
-    if "://" in path and not path.startswith("file://"):
-        return None
-    local = Path(path.removeprefix("file://")).expanduser()
-    if lmdb_io.is_env_dir(local):
-        return local
-    if lmdb_io.is_split_dir(local):
-        return local / "imgs"
-    return None
-
-
 def image_source(path: str) -> _Source:
-    """The corpus kinds of `clip_platform.data.read_images`: an LMDB imgs (or split) dir,
-    `*_imgs.tsv` files, Parquet (`id`, `image`) files, or image files / a folder of them."""
-    imgs_dir = _lmdb_imgs_dir(path)
-    if imgs_dir is not None:
+    """The corpus kinds of `clip_platform.data.read_images`, found by the same
+    `image_datasource`: an LMDB imgs (or split) dir, `*_imgs.tsv` files, Parquet (`id`,
+    `image`) files, or image files / a folder of them. Parquet is cut along row groups here."""
+    # min_split_bytes=1: shards are as small as asked, not the data plane's 1 MiB minimum.
+    found = image_datasource(path, bad_records=ShardRecordSink(), min_split_bytes=1)
+    fs, infos = found.filesystem, found.files
+    if found.kind == "lmdb":
+        imgs_dir = Path(found.datasource.imgs_dir)  # resolved
         size = (imgs_dir / "data.mdb").stat().st_size
-        fingerprint = {"kind": "lmdb", "path": str(imgs_dir.resolve()), "files": [["data.mdb", size]]}
-        return _Source(LmdbImagesDatasource(imgs_dir, ShardRecordSink()), lmdb_io.num_images(imgs_dir), fingerprint)
-    fs, infos = list_files(path, None, TSV_SUFFIXES + PARQUET_SUFFIXES + IMAGE_SUFFIXES)
-    kinds = {_kind_of(info.path) for info in infos}
-    if len(kinds) != 1:
-        raise ValueError(f"{path} mixes file kinds ({', '.join(sorted(k or '?' for k in kinds))}); "
-                         "give TSV, Parquet or image files, one kind at a time")
-    kind = kinds.pop()
-    if kind == "tsv":
-        datasource = LinesDatasource(fs, infos, ImageLines(), ShardRecordSink(), min_split_bytes=1)
-        return _Source(datasource, _estimate_lines(fs, infos), _fingerprint(kind, path, infos), _num_compressed(infos))
-    if kind == "parquet":
+        fingerprint = {"kind": "lmdb", "path": str(imgs_dir), "files": [["data.mdb", size]]}
+        return _Source(found.datasource, lmdb_io.num_images(imgs_dir), fingerprint)
+    if found.kind == "tsv":
+        return _Source(found.datasource, _estimate_lines(fs, infos), _fingerprint(found.kind, path, infos),
+                       _num_compressed(infos))
+    if found.kind == "parquet":
         datasource = ParquetImagesDatasource(fs, infos)
-        return _Source(datasource, datasource.num_rows, _fingerprint(kind, path, infos))
-    root = _files_root(path, fs, infos)
-    datasource = ImageFilesDatasource(fs, root, infos, labeled=False, bad_records=ShardRecordSink())
-    return _Source(datasource, len(infos), _fingerprint(kind, path, infos))
-
-
-def _files_root(path: str, fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> str:
-    """What image ids are relative to: the given directory, else the files' common parent."""
-    _, resolved = resolve_filesystem(path)
-    if fs.get_file_info(resolved).type == pafs.FileType.Directory:
-        return resolved.rstrip("/")
-    parents = [info.path.rsplit("/", 1)[0] for info in infos]
-    return os.path.commonpath(parents) if all(p.startswith("/") for p in parents) else os.path.commonprefix(parents)
+        return _Source(datasource, datasource.num_rows, _fingerprint(found.kind, path, infos))
+    return _Source(found.datasource, len(infos), _fingerprint(found.kind, path, infos))

@@ -181,10 +181,10 @@ def _pick_id_key(keys: Sequence[str], expected: str | None, source: str) -> str 
     return present[0] if present else None
 
 
-def _read_jsonl_slowly(path: Path, id_key: str | None) -> Features:
-    ids: list[int] = []
-    rows: list[list[float]] = []
-    key = None
+def json_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """(where, object) per non-blank line of a JSONL file, `where` being "FILE line N" for
+    messages; a line that is not a JSON object is a ValueError naming it. Shared by the
+    feature, prediction and annotation readers."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -193,15 +193,23 @@ def _read_jsonl_slowly(path: Path, id_key: str | None) -> Features:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} is not valid JSON ({exc.msg}): {line[:80].strip()!r}") from None
+                raise ValueError(f"{where}: cannot parse as JSON ({exc.msg}): {line.strip()[:80]!r}") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where} is not a JSON object")
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def _read_jsonl_slowly(path: Path, id_key: str | None) -> Features:
+    ids: list[int] = []
+    rows: list[list[float]] = []
+    key = None
+    for where, obj in json_objects(path):
+        if key is None:
+            key = _pick_id_key(list(obj), id_key, where)
             if key is None:
-                key = _pick_id_key(list(obj), id_key, where)
-                if key is None:
-                    raise ValueError(f"{where} has no id field (one of {', '.join(ID_KEYS)})")
-            ids.append(_check_id(obj.get(key), key, where))
-            rows.append(_check_vector(obj.get("feature"), where, len(rows[0]) if rows else None))
+                raise ValueError(f"{where} has no id field (one of {', '.join(ID_KEYS)})")
+        ids.append(_check_id(obj.get(key), key, where))
+        rows.append(_check_vector(obj.get("feature"), where, len(rows[0]) if rows else None))
     if not ids:
         return Features.empty()
     return Features(np.asarray(ids, np.int64), np.asarray(rows, np.float32).reshape(len(ids), -1))

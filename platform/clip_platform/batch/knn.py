@@ -26,7 +26,7 @@ import ray
 from .faiss_index import FaissSpec, build_index, choose_index, search_index
 from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
 from .predictions import KEYS, PredictionWriter, check_mode
-from .runtime import ensure_ray, get
+from .runtime import ensure_ray, get, node_id
 from .topk import exact_topk, merge_topk
 
 log = logging.getLogger(__name__)
@@ -98,43 +98,60 @@ class KnnReport:
     search_seconds: float  # all query blocks searched and written
     recall: float | None = None  # faiss: mean recall@k against exact search on the sample
     recall_queries: int = 0  # size of that sample
+    num_nodes: int = 0  # Ray nodes whose tasks (or FAISS actor) computed the predictions
 
 
 # ---------------------------------------------------------------- Ray tasks
+#
+# A node lost mid-job costs time, not results: tasks whose node died are retried
+# (max_retries), corpus shards stored on it are rebuilt from their read task
+# (lineage reconstruction, which reuses max_retries), and the FAISS actor restarts
+# elsewhere and rebuilds its index before answering the retried search. Every
+# search result carries the ids of the nodes that computed it, for the report.
 
-@ray.remote(num_cpus=1, num_returns=2)
+RETRIES = 3  # system failures (a node or worker process lost); user errors are never retried
+
+
+@ray.remote(num_cpus=1, num_returns=2, max_retries=RETRIES)
 def _load_shard(shard: FeatureShard) -> tuple[Features, tuple[np.ndarray, int]]:
     """The shard's features (kept in the object store) and its (ids, dim) for the driver's checks."""
     features = shard.read()
     return features, (features.ids, features.dim)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=RETRIES)
 def _partial_topk(queries: np.ndarray, shard: Features, k: int, chunk_rows: int):
-    return exact_topk(queries, shard.vectors, shard.ids, k, chunk_rows)
+    scores, ids = exact_topk(queries, shard.vectors, shard.ids, k, chunk_rows)
+    return scores, ids, (node_id(),)
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=RETRIES)
 def _merge(k: int, *parts):
-    return merge_topk(list(parts), k)
+    scores, ids = merge_topk([(scores, ids) for scores, ids, _ in parts], k)
+    return scores, ids, tuple(sorted({node for *_, nodes in parts for node in nodes}))
 
 
-@ray.remote
+@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
 class _FaissSearcher:
-    """Holds one FAISS index over the whole corpus; loads the shards from the object store."""
+    """Holds one FAISS index over the whole corpus; loads the shards from the object store.
+    A restarted actor (its node was lost) has no index: it builds one before searching."""
 
     def __init__(self, spec: FaissSpec, shard_refs: list, seed: int, num_threads: int):
         self.spec, self.shard_refs, self.seed, self.num_threads = spec, shard_refs, seed, num_threads
+        self.index, self.node = None, node_id()
 
     def build(self) -> float:
         start = time.perf_counter()
-        corpus = Features.concat(ray.get(self.shard_refs))
-        self.ids = corpus.ids
-        self.index = build_index(self.spec, corpus.vectors, self.seed, self.num_threads)
+        shards = ray.get(self.shard_refs)  # zero-copy views of the object store, added shard by shard
+        self.ids = np.concatenate([shard.ids for shard in shards])
+        self.index = build_index(self.spec, [shard.vectors for shard in shards], self.seed, self.num_threads)
         return time.perf_counter() - start
 
     def search(self, queries: np.ndarray, k: int):
-        return search_index(self.index, queries, self.ids, k)
+        if self.index is None:
+            self.build()
+        scores, ids = search_index(self.index, queries, self.ids, k)
+        return scores, ids, (self.node,)
 
 
 # ---------------------------------------------------------------- corpus
@@ -165,7 +182,7 @@ def load_corpus(path: str, id_key: str, shard_rows: int) -> Corpus:
 # ---------------------------------------------------------------- search strategies
 
 class ExactSearch:
-    """Query block -> ObjectRef of its exact (scores, ids): one task per corpus shard, then a merge."""
+    """Query block -> ObjectRef of its exact (scores, ids, node ids): one task per corpus shard, then a merge."""
 
     description = "exact"
     build_seconds = 0.0
@@ -183,7 +200,7 @@ class ExactSearch:
 
 
 class FaissSearch:
-    """Query block -> ObjectRef of approximate (scores, ids) from the FAISS actor."""
+    """Query block -> ObjectRef of approximate (scores, ids, node ids) from the FAISS actor."""
 
     def __init__(self, corpus: Corpus, k: int, config: KnnConfig):
         self.k = k
@@ -282,9 +299,11 @@ def knn_search(config: KnnConfig) -> KnnReport:
     search = exact if config.index == "exact" else FaissSearch(corpus, k, config)
     sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
     searched = time.perf_counter()
+    nodes: set[str] = set()
     try:
         with PredictionWriter(config.output, config.mode) as writer:
-            for block, (_, ids) in in_order(blocks, search.submit, config.max_inflight_blocks):
+            for block, (_, ids, block_nodes) in in_order(blocks, search.submit, config.max_inflight_blocks):
+                nodes.update(block_nodes)
                 writer.write(block.ids.tolist(), ids.tolist())
                 sample.add(block, ids)
                 log.info("%d queries done", writer.num_lines)
@@ -293,14 +312,14 @@ def knn_search(config: KnnConfig) -> KnnReport:
     written = time.perf_counter()
     recall = None
     if len(sample.queries):
-        _, exact_ids = get(exact.submit(sample.queries))
+        _, exact_ids, _ = get(exact.submit(sample.queries))
         recall = recall_at_k(sample.results, exact_ids)
         log.info("%s: recall@%d vs exact on %d sampled queries = %.4f", search.description, k,
                  len(sample.queries), recall)
     report = KnnReport(config.output, config.mode, search.description, writer.num_lines, corpus.num_rows, k,
                        seconds=time.perf_counter() - start, load_seconds=loaded - start,
                        build_seconds=search.build_seconds, search_seconds=written - searched, recall=recall,
-                       recall_queries=len(sample.queries))
-    log.info("top-%d %s predictions for %d queries over %d entries -> %s (%.1f s)", k, config.mode,
-             report.num_queries, report.corpus_size, config.output, report.seconds)
+                       recall_queries=len(sample.queries), num_nodes=len(nodes))
+    log.info("top-%d %s predictions for %d queries over %d entries -> %s (%.1f s, %d node(s))", k, config.mode,
+             report.num_queries, report.corpus_size, config.output, report.seconds, report.num_nodes)
     return report

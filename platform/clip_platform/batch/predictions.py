@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-from .features import atomic_path
+from .features import atomic_path, json_objects
 
 MODES = ("t2i", "i2t")
 KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}  # mode -> (query key, result key)
@@ -65,21 +65,9 @@ class PredictionWriter:
 
 def _json_lines(path: str | os.PathLike, what: str) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line; `where` is "FILE line N" for messages."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: cannot parse as JSON ({exc.msg}): {line.strip()[:80]!r}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+    yield from json_objects(path)
 
 
 def _is_int(value) -> bool:

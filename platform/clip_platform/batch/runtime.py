@@ -19,6 +19,13 @@ def ensure_ray() -> None:
         log.info("Ray resources: %s", ray.cluster_resources())
 
 
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): reports say which nodes did the work."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def get(refs):
     """ray.get, re-raising a task's user error (bad file, bad flag) as itself, so
     the job prints one readable line instead of a remote traceback."""

@@ -8,8 +8,8 @@ Training pairs, decoded for the model, with skipped records counted::
     ds = read_pairs("datasets/MUGE/lmdb/train", bad_records=bad)   # or ("datasets/MUGE", "train")
     ds = ds.map_batches(DecodeStage(224, 52, use_augment=False, bad_records=bad),
                         batch_format="numpy")              # no batch_size: fused into the read tasks
-    for batch in ds.iter_torch_batches(batch_size=128):    # image [B,3,224,224] f32, tokens [B,52] i64
-        ...
+    for batch in ds.iter_torch_batches(batch_size=128):    # image [B,3,224,224] u8, tokens [B,52] i64
+        features = model.encode_image(batch["image"])      # normalises uint8 pixels on the model's device
     print(bad.summary())                                   # counts and ids of every skipped record
 
 Readers (all return a streaming `ray.data.Dataset`; extra keyword arguments go to
@@ -27,7 +27,7 @@ Readers (all return a streaming `ray.data.Dataset`; extra keyword arguments go t
 
 Stage: `DecodeStage(image_size, context_length, use_augment, bad_records)` for
 `map_batches` (or `decode_batch(batch, transform, ...)` in a plain loop) turns
-`image` bytes into float32 [3, S, S] and `text` into `tokens` [L] + `num_tokens`,
+`image` bytes into uint8 pixels [3, S, S] (`clip_models.normalize_pixels` finishes them) and `text` into `tokens` [L] + `num_tokens`,
 keeping `image_id` / `text_id` / `label`; undecodable records are dropped and reported.
 
 Writers and formats: `LmdbSplitWriter`, `build_lmdb(BuildLmdbConfig)`,

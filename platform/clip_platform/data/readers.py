@@ -11,7 +11,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -141,6 +141,45 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
+class ImageSource(NamedTuple):
+    """An image corpus as `image_datasource` found it."""
+
+    kind: str  # "lmdb", "tsv", "parquet" or "files"
+    datasource: Any  # the Ray Data datasource reading it; None for Parquet, which callers read their own way
+    filesystem: pafs.FileSystem | None  # of `files` (None for LMDB, a local directory)
+    files: list[pafs.FileInfo]  # the TSV, Parquet or image files; [] for LMDB
+
+
+def image_datasource(path: Paths, *, bad_records: BadRecordSink | None = None,
+                     filesystem: pafs.FileSystem | None = None, min_split_bytes: int | None = None) -> ImageSource:
+    """What an image corpus path names, and the datasource that reads it: an LMDB image dir
+    (`.../lmdb/valid/imgs`, or the split dir), `*_imgs.tsv` files (byte ranges of at least
+    `min_split_bytes`), Parquet files, or image files / a directory of them (image ids
+    relative to the directory). Directories and globs are expanded; URIs work for all but
+    LMDB. Files of several kinds at once are a ValueError. Used by `read_images` and by the
+    embed job, which reads the same corpora as deterministic shards."""
+    single = path if isinstance(path, (str, os.PathLike)) else None
+    if single is not None and _is_local(single):
+        local = _local(single)
+        if lmdb_io.is_env_dir(local) or lmdb_io.is_split_dir(local):
+            imgs_dir = local if lmdb_io.is_env_dir(local) else local / "imgs"
+            return ImageSource("lmdb", LmdbImagesDatasource(imgs_dir, bad_records), None, [])
+    fs, infos = list_files(path, filesystem, TSV_SUFFIXES + PARQUET_SUFFIXES + IMAGE_SUFFIXES)
+    kinds = {_kind_of(info.path) for info in infos}
+    if len(kinds) != 1:
+        raise ValueError(f"{path} mixes file kinds ({', '.join(sorted(k or '?' for k in kinds))}); "
+                         "give TSV, Parquet or image files, one kind at a time")
+    kind = kinds.pop()
+    if kind == "tsv":
+        datasource = LinesDatasource(fs, infos, ImageLines(), bad_records, min_split_bytes=min_split_bytes)
+    elif kind == "parquet":
+        datasource = None
+    else:
+        root = _common_root(single, filesystem, fs, infos)
+        datasource = ImageFilesDatasource(fs, root, infos, labeled=False, bad_records=bad_records)
+    return ImageSource(kind, datasource, fs, infos)
+
+
 def read_images(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
                 id_column: str = "id", image_column: str = "image", **read_args: Any):
     """An image corpus to embed, as a Dataset with rows `image_id`, `image` (encoded bytes).
@@ -152,33 +191,19 @@ def read_images(path: Paths, *, bad_records: BadRecordSink | None = None, filesy
     image_id is int64 for LMDB and TSV, whatever the Parquet holds, str for files."""
     import ray.data
 
-    single = path if isinstance(path, (str, os.PathLike)) else None
-    if single is not None and _is_local(single):
-        local = _local(single)
-        if lmdb_io.is_env_dir(local) or lmdb_io.is_split_dir(local):
-            imgs_dir = local if lmdb_io.is_env_dir(local) else local / "imgs"
-            return _read(LmdbImagesDatasource(imgs_dir, bad_records), read_args)
-    fs, infos = list_files(path, filesystem, TSV_SUFFIXES + PARQUET_SUFFIXES + IMAGE_SUFFIXES)
-    kinds = {_kind_of(info.path) for info in infos}
-    if len(kinds) != 1:
-        raise ValueError(f"{path} mixes file kinds ({', '.join(sorted(k or '?' for k in kinds))}); "
-                         "give TSV, Parquet or image files, one kind at a time")
-    kind = kinds.pop()
-    if kind == "tsv":
-        return _read(LinesDatasource(fs, infos, ImageLines(), bad_records), read_args)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+    source = image_datasource(path, bad_records=bad_records, filesystem=filesystem)
+    if source.kind != "parquet":
+        return _read(source.datasource, read_args)
+    import pyarrow.parquet as pq
 
-        names = pq.read_schema(infos[0].path, filesystem=fs).names
-        missing = [c for c in (id_column, image_column) if c not in names]
-        if missing:
-            raise ValueError(f"{infos[0].path} has no column {', '.join(missing)} (columns: {', '.join(names)}); "
-                             "set id_column / image_column")
-        ds = ray.data.read_parquet([i.path for i in infos], filesystem=fs, **read_args)
-        return ds.select_columns([id_column, image_column]).rename_columns({id_column: "image_id",
-                                                                            image_column: "image"})
-    root = _common_root(single, filesystem, fs, infos)
-    return _read(ImageFilesDatasource(fs, root, infos, labeled=False, bad_records=bad_records), read_args)
+    fs, infos = source.filesystem, source.files
+    names = pq.read_schema(infos[0].path, filesystem=fs).names
+    missing = [c for c in (id_column, image_column) if c not in names]
+    if missing:
+        raise ValueError(f"{infos[0].path} has no column {', '.join(missing)} (columns: {', '.join(names)}); "
+                         "set id_column / image_column")
+    ds = ray.data.read_parquet([i.path for i in infos], filesystem=fs, **read_args)
+    return ds.select_columns([id_column, image_column]).rename_columns({id_column: "image_id", image_column: "image"})
 
 
 def _common_root(single: PathLike | None, filesystem: pafs.FileSystem | None, fs: pafs.FileSystem,

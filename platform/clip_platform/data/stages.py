@@ -9,8 +9,10 @@ splits the CPUs between them. The stage yields its output in chunks of
 `rows_per_chunk` rows whatever the input batch, so memory stays bounded.
 
 Input columns (any subset): `image` (encoded image bytes), `text` (str), and
-ids. Output: `image` float32 [B, 3, S, S] (cn_clip's inference transform, or
-its training augmentation), `tokens` int64 [B, context_length] (cn_clip's ids
+ids. Output: `image` uint8 pixels [B, 3, S, S] (cn_clip's inference transform, or
+its training augmentation, stopped before normalising: a quarter of float32's
+bytes through the object store; `clip_models.normalize_pixels` or
+`CLIP.encode_image` finish them; `decode_batch` keeps its transform's dtype), `tokens` int64 [B, context_length] (cn_clip's ids
 after its text normalisation), `num_tokens` int64 [B] ([CLS] .. [SEP] length,
 to trim padding), and the id columns. Records whose image cannot be decoded
 are dropped from the batch and reported.
@@ -102,8 +104,8 @@ def decode_batch(batch: Any, transform: Any, context_length: int = 52, bad_recor
     out: dict[str, np.ndarray] = {}
     if "image" in batch:
         size = transform.image_size
-        out["image"] = np.stack(images).astype(np.float32, copy=False) if images else \
-            np.empty((0, 3, size, size), dtype=np.float32)
+        dtype = np.uint8 if getattr(transform, "pixels", False) else np.float32
+        out["image"] = np.stack(images) if images else np.empty((0, 3, size, size), dtype=dtype)
     if "text" in batch:
         tokens = clip_models.tokenize(texts, context_length).numpy() if texts else \
             np.zeros((0, context_length), dtype=np.int64)
@@ -138,7 +140,7 @@ class DecodeStage:
         self.bad_records = bad_records
         self.id_columns = tuple(id_columns)
         self.rows_per_chunk = rows_per_chunk
-        self.transform = clip_models.train_transform(image_size, use_augment)
+        self.transform = clip_models.train_transform(image_size, use_augment, pixels=True)
 
     def __call__(self, batch: Any) -> Iterator[dict[str, np.ndarray]]:
         batch = _as_numpy_batch(batch)
