@@ -19,7 +19,7 @@ def import_cn_clip():
             pytest.skip("cn_clip (reference) is not installed")
         root = spec.submodule_search_locations[0]
         package = types.ModuleType("cn_clip")
-        package.__path__ = [root]
+        package.__path__, package.__spec__ = [root], spec  # find_spec("cn_clip") keeps working
         clip = types.ModuleType("cn_clip.clip")
         clip.__path__ = [f"{root}/clip"]
         sys.modules["cn_clip"], sys.modules["cn_clip.clip"] = package, clip

@@ -4,7 +4,6 @@ synthetic data in tmp_path, the shared local Ray. Features must equal direct
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -24,16 +23,9 @@ from clip_platform.batch.embed_store import ShardAssembler, ShardStore
 from clip_platform.batch.evaluate import compute_recall
 from clip_platform.batch.features import Features, read_features
 from clip_platform.data import SyntheticConfig, iter_texts, make_synthetic
+from helpers import load_job
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "ViT-Tiny@BERT-Tiny-chinese"
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_job(name: str, args: list[str], capsys) -> list[dict]:

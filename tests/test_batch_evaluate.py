@@ -12,6 +12,7 @@ import pytest
 from clip_platform import cli
 from clip_platform.batch.evaluate import EvaluateConfig, compute_recall, evaluate, transform_annotations
 from clip_platform.batch.predictions import read_annotations, read_predictions
+from helpers import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,13 +28,6 @@ def cn_clip_eval_script(name: str) -> Path:
 def run_cn_clip(name: str, *args) -> None:
     subprocess.run([sys.executable, str(cn_clip_eval_script(name)), *map(str, args)], check=True,
                    capture_output=True, cwd=ROOT)
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

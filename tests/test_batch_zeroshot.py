@@ -2,9 +2,7 @@
 shared local Ray; the JSON has cn_clip's ELEVATER shape and its numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +14,10 @@ from clip_platform import cli
 from clip_platform.batch.templates import ZH_TEMPLATES, fill, load_templates
 from clip_platform.batch.zeroshot import (ImageClassifier, ZeroShotConfig, class_embeddings, decode_images,
                                           read_image_folder, zeroshot)
+from helpers import load_job
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["红色", "绿色", "蓝色"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (20, 40, 230)]
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
