@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="a tenth of the sizes, for a quick run")
     parser.add_argument("--baseline-queries", type=int, default=0, help="queries timed for cn_clip's loop")
-    parser.add_argument("--skip-faiss", action="store_true")
+    parser.add_argument("--skip-exact", action="store_true", help="only the FAISS benchmark")
+    parser.add_argument("--skip-faiss", action="store_true", help="only the exact benchmark")
     parser.add_argument("--workdir", default=None, help="where feature shards go (default: a temp dir)")
     args = parser.parse_args(argv)
     scale = 10 if args.small else 1
@@ -171,7 +172,8 @@ def main(argv=None) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        bench_exact(args, Path(tmp))
+        if not args.skip_exact:
+            bench_exact(args, Path(tmp))
         if not args.skip_faiss:
             bench_faiss(args, Path(tmp))
     ray.shutdown()

@@ -89,8 +89,8 @@ def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tm
 def test_index_choice_follows_corpus_size():
     assert choose_index(10_000, 512).factory == "HNSW32,Flat"
     big = choose_index(1_000_000, 512)
-    assert big.factory == "IVF256,PQ64x4fs" and big.nprobe == 32 and big.rerank == 16 and big.train_rows == 16384
-    assert choose_index(100, 6, kind="ivf").factory == "IVF2,Flat"  # too few rows to train PQ, nlist fits the data
+    assert big.factory == "IVF128,PQ64x4fs" and big.nprobe == 16 and big.rerank == 16 and big.train_rows == 16384
+    assert choose_index(100, 6, kind="ivf").factory == "IVF1,Flat"  # too few rows to train PQ, nlist fits the data
     assert choose_index(5000, 64, kind="IVF16,SQ8", nprobe=4).nprobe == 4
     with pytest.raises(ValueError, match="empty corpus"):
         choose_index(0, 512)
