@@ -2,6 +2,7 @@
 batch throughput of the same model on the same machine, measured in the same run.
 
     python benchmarks/serve_load.py [--model ViT-B-16] [--rows 64x1x400 32x16x64] [--replicas 2] [--profile]
+                                    [--via-proxy]
 
 Each row is CLIENTSxTEXTSxREQUESTS: that many concurrent keep-alive clients send a fixed number
 of POST /embed/text requests of that many texts each. The offline baseline is the best texts/s
@@ -9,6 +10,9 @@ of tokenize + encode_text over batch sizes 16..128 in this one process (all core
 Ray starts and again after it stops (the machine's speed drifts; the better figure counts). Prints texts/s,
 the ratio HTTP / offline (target >= 0.70), p50/p95/p99 latency and errors per row; --profile adds
 the CPU seconds each process (client, proxy, Gateway, Encoder, Ray's own) spent during each row.
+
+Requests go to the Gateway replica's own HTTP port (Serve's direct ingress, as `python -m serve`
+starts it); --via-proxy sends them through Serve's HTTP proxy actor instead.
 """
 from __future__ import annotations
 
@@ -135,7 +139,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve.app import ServeConfig, build_app
+    from serve.app import ServeConfig, build_app, enable_direct_ingress, gateway_urls
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16", help="a model name (random weights) for create_model")
@@ -146,12 +150,28 @@ def main() -> None:
                              "replicas lose less to preemption by the proxy and Gateway than one 2-thread replica)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads per Encoder replica (default: the cores divided among the replicas)")
-    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size)
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="texts per Encoder batch (ServeConfig's default is 64, for GPUs): on one CPU thread a "
+                             "batch of 32 takes ~1.5 s, and with 64 clients a cap of 32 keeps one replica from "
+                             "taking every queued text while the other waits")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=ServeConfig.batch_wait_timeout_s)
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="turn Serve's per-request access log off")
     parser.add_argument("--profile", action="store_true", help="CPU seconds per process during each row")
+    parser.add_argument("--via-proxy", action="store_true",
+                        help="send requests through Serve's HTTP proxy actor instead of Serve's direct ingress "
+                             "(the Gateway replica serving HTTP itself)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="more environment for Ray's processes (e.g. Serve feature flags); repeat for more")
     args = parser.parse_args()
+    if not args.via_proxy:
+        enable_direct_ingress()
+        # An ingress replica stays up this long after serve.shutdown for load balancers to drop it
+        # (30 s by default); nothing balances here.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    for item in args.env:
+        name, _, value = item.partition("=")
+        os.environ[name] = value  # before Ray starts: its processes inherit this environment
     sys.stdout.reconfigure(line_buffering=True)  # Ray's shutdown can end the process before a buffer flush
 
     torch.manual_seed(0)
@@ -177,7 +197,10 @@ def main() -> None:
         print(f"Serve: {args.replicas} Encoder replica(s), torch_threads {config.torch_threads}, max_batch_size "
               f"{config.max_batch_size}, batch_wait_timeout_s {config.batch_wait_timeout_s}, "
               f"access_log {config.access_log}")
-        url = f"http://127.0.0.1:{port}/embed/text"
+        base = gateway_urls("clip", "127.0.0.1", port)[0]  # one Gateway replica
+        print(f"HTTP: {base} ({'proxy' if base.endswith(f':{port}') else 'direct ingress, Gateway replica'})"
+              + (f", env {' '.join(args.env)}" if args.env else ""))
+        url = base + "/embed/text"
         for row in args.rows:
             before: dict[str, float] = {}
             elapsed, latencies, errors = asyncio.run(load(url, row, texts, lambda: before.update(cpu_by_role())))

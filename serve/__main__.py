@@ -1,10 +1,12 @@
 """Start the Serve application on an embedded local Ray:
 
     python -m serve --checkpoint CKPT [--checkpoint name=CKPT ...] [--index DIR] [--index-images TSV]
-                    [--host 127.0.0.1] [--port 8000] [--torch-threads N]
+                    [--host 127.0.0.1] [--port 8000] [--torch-threads N] [--no-direct-ingress]
 
 CKPT is anything clip_models.load accepts; several are multiplexed over the Encoder replicas
-and chosen per request with "model". Binds 127.0.0.1 unless told otherwise.
+and chosen per request with "model". Binds 127.0.0.1 unless told otherwise. With Serve's direct
+ingress (the default when this starts its own Ray) the Gateway replica also serves HTTP on a
+port of its own, printed at start: the faster address, without the proxy hop.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    from serve.app import ServeConfig, build_app
+    from serve.app import ServeConfig, build_app, enable_direct_ingress, gateway_urls
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, help="[name=]checkpoint; repeat for more")
@@ -42,15 +44,22 @@ def main(argv=None) -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads per Encoder replica (0: one per reserved CPU); on a CPU-only "
                              "machine with one replica, give it the number of cores")
+    parser.add_argument("--no-direct-ingress", dest="direct_ingress", action="store_false",
+                        help="serve HTTP through Serve's proxy only (the Gateway replica opens no port of its own)")
     args = parser.parse_args(argv)
     config = ServeConfig(checkpoints=parse_checkpoints(args.checkpoint), index=args.index,
                          index_metadata=args.index_metadata, index_images=args.index_images,
                          max_replicas=args.max_replicas, max_models_per_replica=args.max_models_per_replica,
                          torch_threads=args.torch_threads)
+    if args.direct_ingress:
+        enable_direct_ingress()  # read by the Ray processes ray.init starts below
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name="clip", route_prefix="/")
-    print(f"serving {', '.join(config.checkpoints)} on http://{args.host}:{args.port} (docs at /docs); Ctrl-C stops")
+    proxy = f"http://{args.host}:{args.port}"
+    direct = [url for url in gateway_urls("clip", args.host, args.port) if url != proxy]
+    print(f"serving {', '.join(config.checkpoints)} on {proxy} (docs at /docs)"
+          + (f"; direct ingress, no proxy hop: {', '.join(direct)}" if direct else "") + "; Ctrl-C stops")
     while True:
         time.sleep(3600)
 

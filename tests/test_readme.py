@@ -26,7 +26,8 @@ def shell_lines() -> list[str]:
             line = re.sub(r"\s#.*$", "", line).strip()
             if line and not line.startswith("#"):
                 lines.append(line)
-    lines += re.findall(r"`([^`\n]*python (?:jobs/|-m serve)[^`\n]*)`", README)
+    # inline spans with arguments (a bare `python -m serve` in prose names the command, no more)
+    lines += re.findall(r"`([^`\n]*python (?:jobs/[^`\s]+|-m serve) [^`\n]+)`", README)
     return lines
 
 

@@ -1,14 +1,20 @@
 """The Serve application on a real local Ray, HTTP on 127.0.0.1 with two tiny models:
 every endpoint's happy path and bad inputs, batching across callers, model multiplexing,
-and the web page in headless Chromium."""
+`python -m serve` with Serve's direct ingress, and the web page in headless Chromium."""
 from __future__ import annotations
 
 import base64
 import io
 import os
+import queue
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -238,6 +244,54 @@ def test_concurrent_requests_for_two_models_are_batched_per_model(service):
         assert reply.status_code == 200, reply.text
         torch.testing.assert_close(torch.tensor(reply.json()["embeddings"][0]), expected_text(name, [text])[0],
                                    atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- direct ingress: `python -m serve`
+
+def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
+    """`python -m serve` on a Ray of its own turns Serve's direct ingress on: the Gateway replica
+    serves HTTP on a port of its own (no proxy actor on the way) with the same answers as the
+    proxy's port: embeddings, validation errors, the page."""
+    torch.manual_seed(0)
+    model = clip_models.create_model(TINY_VIT).eval()
+    checkpoint = clip_models.save_checkpoint(model, tmp_path / "tiny.pt")
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "local",  # a new local Ray, never the test session's
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # quick shutdown: no balancer to drain
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-replicas", "1"],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        deadline, seen = time.time() + 300, []
+        while time.time() < deadline and not (seen and seen[-1].startswith("serving")):
+            try:
+                seen.append(lines.get(timeout=5))
+            except queue.Empty:
+                assert process.poll() is None, "".join(seen[-30:])
+        assert seen and seen[-1].startswith("serving"), "".join(seen[-30:])
+        found = re.search(r"direct ingress, no proxy hop: (http://[^;,\s]+)", seen[-1])
+        assert found, seen[-1]
+        direct, proxy = found.group(1), f"http://127.0.0.1:{port}"
+        assert direct != proxy
+        with torch.no_grad():
+            expected = torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(["一只猫"])), dim=-1)[0]
+        for url in (direct, proxy):
+            reply = requests.post(url + "/embed/text", json={"texts": ["一只猫"]}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            torch.testing.assert_close(torch.tensor(reply.json()["embeddings"][0]), expected, atol=1e-5, rtol=0)
+        bad = requests.post(direct + "/embed/text", json={"texts": [""]}, timeout=60)
+        assert bad.status_code == 400 and "non-empty" in bad.text
+        assert "以文搜图" in requests.get(direct + "/", timeout=60).text
+    finally:
+        process.send_signal(signal.SIGINT)  # the CLI exits and Ray stops the processes it started
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 # ---------------------------------------------------------------- the web page in headless Chromium

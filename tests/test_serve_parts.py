@@ -1,5 +1,5 @@
 """Pieces of the Serve application that need no Ray: config checks, the image store behind
-GET /images/{id}, JSON float encoding, request chunking."""
+GET /images/{id}, JSON float encoding, request chunking, direct-ingress addresses."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from serve.app import ImageStore, ServeConfig, chunks, floats, image_media_type, num_items
+from serve.app import ImageStore, ServeConfig, chunks, direct_ingress_urls, floats, image_media_type, num_items
 
 
 def test_config_checks_user_mistakes():
@@ -40,3 +40,19 @@ def test_floats_are_short_and_within_5e_9():
 def test_chunks_and_batch_sizes():
     assert chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]] and chunks([], 3) == []
     assert num_items([["a"], ["b", "c"], []]) == 3
+
+
+def test_direct_ingress_urls_from_the_controllers_target_groups():
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.schema import Target, TargetGroup
+
+    def group(app, *ports, protocol=RequestProtocol.HTTP):
+        return TargetGroup(app_name=app, route_prefix="/", protocol=protocol,
+                           targets=[Target(ip="10.0.0.1", port=p, instance_id=str(p), name=str(p)) for p in ports])
+
+    proxies = group("", 8000)  # direct ingress off: only the proxies' group, with no application
+    assert direct_ingress_urls([proxies], "clip", "127.0.0.1", 8000) is None
+    replicas = [group("clip", 30001, 30000), group("clip", 40000, protocol=RequestProtocol.GRPC), group("other", 30002)]
+    assert direct_ingress_urls(replicas, "clip", "127.0.0.1", 8000) == ["http://127.0.0.1:30000",
+                                                                          "http://127.0.0.1:30001"]
+    assert direct_ingress_urls([group("clip", 8000)], "clip", "h", 8000) == []  # no replica port yet: the proxy's
