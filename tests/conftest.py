@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random-weight models and, for job tests, one local Ray."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -43,6 +45,10 @@ def start_local_ray():
     import ray
 
     if not ray.is_initialized():
+        # Serve's direct ingress, as `python -m serve` runs it (read when Ray's processes start):
+        # the Serve tests reach the Gateway both through the proxy and on its replica's own port.
+        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no balancer to drain
         ray.init(**RAY_LOCAL_ARGS)
     return ray
 
