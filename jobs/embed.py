@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="parquet", help="shard format in --output-dir")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
     parser.add_argument("--concurrency", type=int, default=0,
-                        help="encoder actors (0: one per GPU, or per core up to 4 a node)")
+                        help="encoder actors (0: one per GPU, or one per CPU node)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU encoder actor (0: auto)")
     parser.add_argument("--rows-per-shard", type=int, default=10000, help="records per shard (resume unit)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another input or model")

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"  # cn_clip's defaults
 DEFAULT_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
 STAGE_CPUS = 0.5  # logical CPUs of a read or decode task: light next to the encoder
-MAX_CPU_ACTORS_PER_NODE = 4  # CPU encoders per node (each holds a model), sharing its cores
 BLOCKS_PER_STORE = 32  # pipeline blocks are at most 1/32 of the smallest node's object store
 CPU_IMAGE_BATCH = 16  # at most this many images per batch on CPU encoders (see build_dataset)
 IMAGE_ROW_EXTRA_BYTES = 64  # a decoded image row beside its uint8 pixels: ids and bookkeeping
@@ -68,7 +67,7 @@ class EmbedConfig:
     output_dir: str | None = None  # sharded output: <output-dir>/images and <output-dir>/texts
     format: str = "parquet"  # format of the shards in --output-dir: parquet or jsonl
     num_gpus: float | None = None  # GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)
-    concurrency: int = 0  # encoder actors (0: one per GPU; on CPU nodes one per core, at most 4 per node)
+    concurrency: int = 0  # encoder actors (0: one per GPU, or one per CPU node using its cores)
     threads: int = 0  # torch threads per CPU encoder actor (0: the node's CPUs shared by its actors)
     rows_per_shard: int = 10000  # records per shard: the unit of output files and of resuming
     overwrite: bool = False  # replace shards of another input or model instead of stopping
@@ -305,13 +304,11 @@ class EncoderResources:
     store_bytes: float = 0.0  # object store of the smallest node
 
 
-def encoder_resources(config: EmbedConfig, modality: Modality = IMAGES) -> EncoderResources:
-    """GPU clusters: one actor per GPU. CPU clusters, images: several actors per node sharing
-    its cores (up to MAX_CPU_ACTORS_PER_NODE, so one per core on small nodes): on a 2-core
-    node two 1-thread encoders did 9.0 ViT-B-16 images/s against 7.5 for one 2-thread
-    encoder. Texts: one actor per node using all its cores (1024 texts on 2 cores: 21 s
-    against 29-32 s for two 1-thread actors). The actors' logical CPU request leaves room
-    for the read and decode tasks, which would otherwise wait forever behind actors
+def encoder_resources(config: EmbedConfig) -> EncoderResources:
+    """GPU clusters: one actor per GPU. CPU clusters: one actor per node using all its cores
+    (measured on 2 cores, ViT-B-16 bf16, 192 images: 31-34 s, against 50-56 s for two
+    1-thread actors; 1024 texts: 15.6 s against 29-32 s). Its logical CPU request leaves
+    room for the read and decode tasks, which would otherwise wait forever behind actors
     holding every CPU."""
     import ray
 
@@ -327,8 +324,7 @@ def encoder_resources(config: EmbedConfig, modality: Modality = IMAGES) -> Encod
         concurrency = config.concurrency or max(1, int(total_gpus // num_gpus))
         return EncoderResources(concurrency, num_gpus, 1.0, config.threads, store)
     node_cpus = int(min(n["CPU"] for n in nodes))
-    most = MAX_CPU_ACTORS_PER_NODE if modality == IMAGES else 1
-    per_node = max(1, node_cpus // config.threads if config.threads else min(node_cpus, most))
+    per_node = max(1, node_cpus // config.threads) if config.threads else 1
     concurrency = config.concurrency or per_node * len(nodes)
     per_node = math.ceil(concurrency / len(nodes))
     threads = config.threads or max(1, node_cpus // per_node)
@@ -364,9 +360,9 @@ def build_dataset(plan: CorpusPlan, todo: list[int], target: Target, config: Emb
     # Blocks small next to the object store (this dataset's context only): Ray Data otherwise
     # packs decoded batches into blocks of up to 128 MiB, and a few of those fill a small store
     # and spill (measured: 1.9 of 2.5 GiB spilled through a 256 MiB store). Images: about one
-    # batch per block, as a block goes to one actor and a corpus of few blocks kept all but one
-    # encoder idle. Texts (one encoder per node) keep bigger blocks: one per batch cost them a
-    # third of their speed (1024 texts: 21 s against 15.6 s).
+    # batch per block, as a block goes to one actor and a corpus of few blocks would keep all
+    # but one encoder idle. Texts keep bigger blocks: one per batch cost them a third of their
+    # speed (1024 texts: 21 s against 15.6 s).
     block_bytes = max(1 << 20, resources.store_bytes / BLOCKS_PER_STORE)
     if target.modality == IMAGES:
         block_bytes = min(block_bytes, batch_size * (3 * model.image_size ** 2 + IMAGE_ROW_EXTRA_BYTES))
@@ -504,5 +500,5 @@ def embed(config: EmbedConfig) -> list[EmbedReport]:
     model = inspect_model(config.model_source)
     log.info("model %s from %s, precision %s", model.name, model.source, config.precision)
     ensure_ray()
-    return [embed_target(target, config, model, encoder_resources(config, target.modality))
-            for target in targets(config)]
+    resources = encoder_resources(config)
+    return [embed_target(target, config, model, resources) for target in targets(config)]
