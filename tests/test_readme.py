@@ -46,8 +46,6 @@ def script_commands() -> list[tuple[str, list[str]]]:
                 script, args = words[0], words[1:]
             else:
                 continue
-            if script == "jobs/X.py":  # the README's placeholder for "any job"
-                continue
             # "[--mode i2t]" marks an option: check it too
             found.append((script, [word.strip("[]") for word in args if word.strip("[]")]))
     return found

@@ -324,8 +324,8 @@ def encoder_resources(config: EmbedConfig) -> EncoderResources:
         concurrency = config.concurrency or max(1, int(total_gpus // num_gpus))
         return EncoderResources(concurrency, num_gpus, 1.0, config.threads, store)
     node_cpus = int(min(n["CPU"] for n in nodes))
-    per_node = max(1, node_cpus // config.threads) if config.threads else 1
-    concurrency = config.concurrency or per_node * len(nodes)
+    default_per_node = max(1, node_cpus // config.threads) if config.threads else 1
+    concurrency = config.concurrency or default_per_node * len(nodes)
     per_node = math.ceil(concurrency / len(nodes))
     threads = config.threads or max(1, node_cpus // per_node)
     share = (node_cpus - STAGE_CPUS) / per_node
