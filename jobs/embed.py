@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from clip_platform import cli, config
-from clip_platform.batch.embed import DEFAULT_IMAGE_DATA, DEFAULT_TEXT_DATA, EmbedConfig, embed
+from clip_platform.batch.embed import COMPILE_CHOICES, COMPILE_MIN_IMAGES, DEFAULT_IMAGE_DATA, DEFAULT_TEXT_DATA, \
+    EmbedConfig, embed
 from clip_platform.batch.embed_store import FORMATS
 from clip_platform.batch.zeroshot import PRECISIONS
 
@@ -54,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU encoder actor (0: auto)")
     parser.add_argument("--rows-per-shard", type=int, default=10000, help="records per shard (resume unit)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of another input or model")
+    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                        help="image encoders through torch.compile (auto: CPU encoders with "
+                             f"{COMPILE_MIN_IMAGES}+ images each)")
     parser.add_argument("--debug", action="store_true", help="log more")
     return parser.parse_args(argv)
 

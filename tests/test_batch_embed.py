@@ -17,7 +17,8 @@ from PIL import Image
 
 import clip_models
 from clip_platform.batch import embed_store
-from clip_platform.batch.embed import EmbedConfig, encode_texts
+from clip_platform.batch import embed as embed_module
+from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
 from clip_platform.batch.embed_source import IMAGES, MARKER_ROW, TEXTS, file_id
 from clip_platform.batch.embed_store import ShardAssembler, ShardStore
 from clip_platform.batch.evaluate import compute_recall
@@ -269,6 +270,21 @@ def test_cli_errors_are_one_line_exit_2(ray_local, corpus, tmp_path, capsys, arg
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_compiled_image_encoders_give_the_direct_features(ray_local, corpus, tmp_path, capsys):
+    root, checkpoint, model = corpus
+    data = root / "data"
+    args = ["--extract-image-feats", "--image-data", str(data / "valid_imgs.tsv"), "--resume", str(checkpoint),
+            "--output-dir", str(tmp_path / "out"), "--img-batch-size", "5", "--compile", "on"]
+    [images] = run_job("embed", args, capsys)
+    assert images["num_features"] == 24 and images["num_skipped"] == 0
+    # Inductor's kernels round differently from eager ones: equal to float32 precision.
+    got = as_dict(read_features(tmp_path / "out" / "images"))
+    expected = direct_image_features(model, data / "valid_imgs.tsv")
+    assert got.keys() == expected.keys()
+    for key, vector in expected.items():
+        np.testing.assert_allclose(got[key], vector, atol=2e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- pieces, without Ray
 
 def test_texts_padded_to_the_batch_longest_give_the_same_features(tiny_vit):
@@ -279,6 +295,32 @@ def test_texts_padded_to_the_batch_longest_give_the_same_features(tiny_vit):
     with torch.no_grad():
         padded = tiny_vit.encode_text(torch.from_numpy(full))
     np.testing.assert_allclose(trimmed, (padded / padded.norm(dim=-1, keepdim=True)).numpy(), atol=2e-6)
+
+
+def test_compiled_forward_pads_short_batches_to_one_graph(tiny_vit):
+    pixels = torch.randint(0, 256, (4, 3, tiny_vit.image_size, tiny_vit.image_size), dtype=torch.uint8)
+    torch._dynamo.utils.counters.clear()
+    forward = compiled_image_forward(tiny_vit, batch_size=4)
+    eager = encode_images(tiny_vit, pixels.numpy())
+    np.testing.assert_allclose(encode_images(tiny_vit, pixels.numpy(), forward=forward), eager, atol=2e-5)
+    np.testing.assert_allclose(encode_images(tiny_vit, pixels[:3].numpy(), forward=forward), eager[:3], atol=2e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
+    _, checkpoint, model = corpus
+
+    def broken_compile(*args, **kwargs):
+        def forward(pixels):
+            raise RuntimeError("inductor: no C++ compiler found")
+        return forward
+
+    monkeypatch.setattr(embed_module, "compiled_image_forward", broken_compile)
+    encoder = embed_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
+    features = encoder.encode_images(pixels)
+    assert encoder.forward is None  # later batches go straight to eager
+    np.testing.assert_allclose(features, encode_images(model, pixels), atol=2e-6)
 
 
 def encoded_rows(shard: int, rows: list[int], ok: list[bool] | None = None) -> dict[str, np.ndarray]:
@@ -330,6 +372,8 @@ def test_store_drops_ids_repeated_across_shards_and_stays_idempotent(tmp_path):
 def test_config_validates_user_mistakes():
     with pytest.raises(ValueError, match="precision"):
         EmbedConfig(extract_image_feats=True, resume="x.pt", precision="int8")
+    with pytest.raises(ValueError, match="compile"):
+        EmbedConfig(extract_image_feats=True, resume="x.pt", compile="yes")
     with pytest.raises(ValueError, match="rows_per_shard"):
         EmbedConfig(extract_image_feats=True, resume="x.pt", rows_per_shard=0)
     assert file_id("123.jpg") == 123 and file_id("a/123.jpg") != 123 and file_id("x.png") == file_id("x.png")

@@ -245,6 +245,7 @@ class CorpusPlan:
     tasks: list[ReadTask]
     requested: int  # the N the datasource was planned for (a resumed run asks for the same)
     fingerprint: dict[str, Any]  # the input it was planned on: kind, path, files and sizes
+    estimated_rows: int  # records in the corpus, estimated from its files (exact for LMDB and Parquet)
 
     @property
     def num_shards(self) -> int:
@@ -266,7 +267,7 @@ def plan_corpus(path: str, modality: Modality, rows_per_shard: int, requested: i
     if requested is None:
         requested = max(source.min_shards, math.ceil(source.estimated_rows / rows_per_shard), 1)
     tasks = source.datasource.get_read_tasks(requested)
-    return CorpusPlan(tasks, requested, source.fingerprint)
+    return CorpusPlan(tasks, requested, source.fingerprint, source.estimated_rows)
 
 
 def _fingerprint(kind: str, path: Any, infos: Sequence[pafs.FileInfo]) -> dict[str, Any]:
