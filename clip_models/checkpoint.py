@@ -9,6 +9,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,11 +28,13 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------- reading
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
-    """(state dict in cn_clip's key layout, config if the file records one, source kind)."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
+    """(state dict in cn_clip's key layout, config if the file records one, source kind).
+    mmap: the tensors stay in the file, read only when touched: for a quick look at the
+    config and shapes (the file must not be rewritten while they are in use)."""
     path = Path(path)
     if path.is_dir():
-        return _read_hf_dir(path)
+        return _read_hf_dir(path, mmap)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: no such file or directory")
     if path.suffix == ".safetensors":
@@ -39,7 +42,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConf
 
         return clean_state_dict(load_file(str(path))), None, "safetensors state dict"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, mmap)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint we read"
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({reason})") from None
@@ -54,7 +57,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CLIPConf
     raise CheckpointError(f"{path} is a dict without a 'state_dict' entry or tensors (keys: {list(obj)[:8]})")
 
 
-def _read_hf_dir(path: Path):
+def _torch_load(path: Path, mmap: bool) -> Any:
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) file cannot be mapped: read it whole
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_hf_dir(path: Path, mmap: bool = False):
     config_file = path / "config.json"
     weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), None)
     if not config_file.is_file() or weights is None:
@@ -67,7 +79,7 @@ def _read_hf_dir(path: Path):
 
         sd = load_file(str(weights))
     else:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = _torch_load(weights, mmap)
     return hf.from_hf_state_dict(sd), hf.config_from_hf(config), "Hugging Face ChineseCLIPModel"
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import clip_models
+from clip_models import checkpoint
 from clip_models.config import OFFICIAL_STRUCTS
 from cn_clip_ref import cn_clip_model
 
@@ -70,6 +71,19 @@ def test_own_format_round_trip_keeps_config(tiny_vit, tmp_path):
     assert model.config == tiny_vit.config
     torch.testing.assert_close(features(model), features(tiny_vit), atol=0, rtol=0)
     assert torch.load(path, weights_only=True)["epoch"] == 7
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_mapped_read_gives_the_same_weights_and_config(tiny_vit, tmp_path, zipfile):
+    path = tmp_path / "model.pt"
+    state = {"format": checkpoint.FORMAT, "version": 1, "config": tiny_vit.config.to_dict(),
+             "state_dict": tiny_vit.state_dict()}
+    torch.save(state, path, _use_new_zipfile_serialization=zipfile)  # legacy files are read whole
+    mapped, config, _ = clip_models.read_checkpoint(path, mmap=True)
+    read, _, _ = clip_models.read_checkpoint(path)
+    assert config == tiny_vit.config and mapped.keys() == read.keys()
+    for key, tensor in read.items():
+        torch.testing.assert_close(mapped[key], tensor, atol=0, rtol=0)
 
 
 def test_flash_attention_layout_is_converted(tiny_vit, tmp_path):
