@@ -270,14 +270,18 @@ def encode_images(model: clip_models.CLIP, images: np.ndarray, precision: str = 
 
 def compiled_image_forward(model: clip_models.CLIP, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """model.encode_image through torch.compile for inference: the weights are frozen as
-    constants (on CPU, pre-packed for oneDNN: most of the gain) and every batch is padded to
-    `batch_size`, so one graph serves the whole corpus. The model must not be trained after."""
+    constants (on CPU, pre-packed for oneDNN: most of the gain) and batches are padded to
+    `batch_size`, so one graph serves the whole corpus. Batches under half of it run eagerly:
+    Ray Data's byte-sized blocks can hold a batch and one image more, and padding that one
+    image would cost a whole batch. The model must not be trained after."""
     import torch._inductor.config as inductor
 
     compiled = torch.compile(model.encode_image, dynamic=False)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         n = len(pixels)
+        if n < batch_size / 2:
+            return model.encode_image(pixels)
         if n < batch_size:
             pixels = torch.cat([pixels, pixels.new_zeros((batch_size - n, *pixels.shape[1:]))])
         with inductor.patch(freezing=True):  # this graph only (it compiles on the first call)
@@ -395,10 +399,6 @@ def build_dataset(plan: CorpusPlan, todo: list[int], target: Target, config: Emb
     ds = ds.map_batches(decode_rows, fn_kwargs={"modality": target.modality, "image_size": model.image_size,
                                                 "context_length": config.context_length},
                         batch_size=batch_size, batch_format="numpy", num_cpus=STAGE_CPUS)
-    if target.modality == IMAGES:
-        # Blocks of exactly one batch: byte-sized blocks held 17 decoded images, which the
-        # encoder ran as a batch of 16 and one of 1 (a whole padded batch when compiled).
-        ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
     # Ray Data spreads the pool's actors over the nodes (its default scheduling strategy).
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={
         "source": model.source, "modality": target.modality, "precision": config.precision,
