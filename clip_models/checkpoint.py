@@ -66,7 +66,7 @@ def _torch_load(path: Path, mmap: bool) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _read_hf_dir(path: Path, mmap: bool = False):
+def _read_hf_dir(path: Path, mmap: bool):
     config_file = path / "config.json"
     weights = next((path / name for name in _HF_WEIGHTS if (path / name).is_file()), None)
     if not config_file.is_file() or weights is None:

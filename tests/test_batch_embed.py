@@ -304,7 +304,7 @@ def test_compiled_forward_pads_short_batches_to_one_graph(tiny_vit):
     eager = encode_images(tiny_vit, pixels.numpy())
     np.testing.assert_allclose(encode_images(tiny_vit, pixels.numpy(), forward=forward), eager, atol=2e-5)
     np.testing.assert_allclose(encode_images(tiny_vit, pixels[:3].numpy(), forward=forward), eager[:3], atol=2e-5)
-    np.testing.assert_allclose(encode_images(tiny_vit, pixels[:1].numpy(), forward=forward), eager[:1], atol=2e-6)
+    np.testing.assert_allclose(encode_images(tiny_vit, pixels[:1].numpy(), forward=forward), eager[:1], atol=2e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 

@@ -46,7 +46,6 @@ DEFAULT_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
 STAGE_CPUS = 0.5  # logical CPUs of a read or decode task: light next to the encoder
 BLOCKS_PER_STORE = 32  # pipeline blocks are at most 1/32 of the smallest node's object store
 CPU_IMAGE_BATCH = 16  # at most this many images per batch on CPU encoders (see build_dataset)
-IMAGE_ROW_EXTRA_BYTES = 64  # a decoded image row beside its uint8 pixels: ids and bookkeeping
 PROGRESS_SECONDS = 15.0  # at most this long between progress lines
 COMPILE_CHOICES = ("auto", "on", "off")
 # --compile auto: CPU image encoders compile when each has at least this many images. ViT-B-16
@@ -270,18 +269,14 @@ def encode_images(model: clip_models.CLIP, images: np.ndarray, precision: str = 
 
 def compiled_image_forward(model: clip_models.CLIP, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """model.encode_image through torch.compile for inference: the weights are frozen as
-    constants (on CPU, pre-packed for oneDNN: most of the gain) and batches are padded to
-    `batch_size`, so one graph serves the whole corpus. Batches under half of it run eagerly:
-    Ray Data's byte-sized blocks can hold a batch and one image more, and padding that one
-    image would cost a whole batch. The model must not be trained after."""
+    constants (on CPU, pre-packed for oneDNN: most of the gain) and short batches are padded
+    to `batch_size`, so one graph serves the whole corpus. The model must not be trained after."""
     import torch._inductor.config as inductor
 
     compiled = torch.compile(model.encode_image, dynamic=False)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         n = len(pixels)
-        if n < batch_size / 2:
-            return model.encode_image(pixels)
         if n < batch_size:
             pixels = torch.cat([pixels, pixels.new_zeros((batch_size - n, *pixels.shape[1:]))])
         with inductor.patch(freezing=True):  # this graph only (it compiles on the first call)
@@ -409,13 +404,16 @@ def build_dataset(plan: CorpusPlan, todo: list[int], target: Target, config: Emb
         num_gpus=resources.num_gpus or None)
     # Blocks small next to the object store (this dataset's context only): Ray Data otherwise
     # packs decoded batches into blocks of up to 128 MiB, and a few of those fill a small store
-    # and spill (measured: 1.9 of 2.5 GiB spilled through a 256 MiB store). Images: read and
-    # decode blocks of about one batch too, as a block goes to one task or actor and a corpus
-    # of few blocks would keep all but one busy. Texts keep bigger blocks: one per batch cost
-    # them a third of their speed (1024 texts: 21 s against 15.6 s).
+    # and spill (measured: 1.9 of 2.5 GiB spilled through a 256 MiB store). Images: decoded
+    # blocks of exactly one batch, as a block goes to one task or actor and a corpus of few
+    # blocks would keep all but one busy. The target is the batch's pixel bytes alone: a row
+    # is a little bigger (ids, bookkeeping), and Ray cuts a block at ceil(target / row bytes)
+    # rows, so a target with room for the extras gave blocks of batch + 1, run as a batch and
+    # a 1-image batch (a whole padded batch when compiled). Texts keep bigger blocks: one per
+    # batch cost them a third of their speed (1024 texts: 21 s against 15.6 s).
     block_bytes = max(1 << 20, resources.store_bytes / BLOCKS_PER_STORE)
     if target.modality == IMAGES:
-        block_bytes = min(block_bytes, batch_size * (3 * model.image_size ** 2 + IMAGE_ROW_EXTRA_BYTES))
+        block_bytes = min(block_bytes, batch_size * 3 * model.image_size ** 2)
     ds.context.target_max_block_size = int(min(ds.context.target_max_block_size, block_bytes))
     return ds
 
