@@ -8,14 +8,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
+from .initializers import init_normal_, uninitialised_embedding
 
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        # Drawn by BertModel._init_weights (or taken from a checkpoint).
+        self.word_embeddings = uninitialised_embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
+        self.position_embeddings = uninitialised_embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = uninitialised_embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -116,7 +118,7 @@ class BertModel(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            init_normal_(module.weight, self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

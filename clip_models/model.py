@@ -9,6 +9,7 @@ from torch import nn
 
 from .bert import BertModel
 from .config import CLIPConfig
+from .initializers import init_normal_
 from .resnet import ModifiedResNet
 from .transforms import normalize_pixels
 from .vit import VisionTransformer
@@ -29,12 +30,12 @@ class CLIP(nn.Module):
         self._init_parameters()
 
     def _init_parameters(self) -> None:
-        nn.init.normal_(self.text_projection, std=self.config.text.hidden_size**-0.5)
+        init_normal_(self.text_projection, self.config.text.hidden_size**-0.5)
         if isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
             std = pool.c_proj.in_features**-0.5
             for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-                nn.init.normal_(proj.weight, std=std)
+                init_normal_(proj.weight, std)
             for name, param in self.visual.named_parameters():
                 if name.startswith("layer") and name.endswith("bn3.weight"):
                     nn.init.zeros_(param)  # each residual block starts as identity

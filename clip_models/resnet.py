@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .initializers import normal_parameter
 
 
 class Bottleneck(nn.Module):
@@ -42,7 +43,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, grid: int, embed_dim: int, heads: int, output_dim: int):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, embed_dim) / embed_dim**0.5)
+        self.positional_embedding = normal_parameter(grid * grid + 1, embed_dim, std=embed_dim**-0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)

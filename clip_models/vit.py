@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
+from .initializers import normal_parameter
 
 
 class LayerNorm(nn.LayerNorm):
@@ -83,12 +84,12 @@ class VisionTransformer(nn.Module):
         self.grid_size = (grid, grid)
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.class_embedding = normal_parameter(width, std=scale)
+        self.positional_embedding = normal_parameter(grid * grid + 1, width, std=scale)
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, cfg.layers, cfg.heads)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.proj = normal_parameter(width, embed_dim, std=scale)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

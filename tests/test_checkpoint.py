@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +86,17 @@ def test_mapped_read_gives_the_same_weights_and_config(tiny_vit, tmp_path, zipfi
     assert config == tiny_vit.config and mapped.keys() == read.keys()
     for key, tensor in read.items():
         torch.testing.assert_close(mapped[key], tensor, atol=0, rtol=0)
+
+
+def test_loading_builds_the_model_without_random_init_work(tiny_vit, tmp_path):
+    """The model is built on the meta device and takes the checkpoint's tensors; no
+    random draw there may pull in torch's reference ops (torch._dynamo, ~1.5 s)."""
+    path = clip_models.save_checkpoint(tiny_vit, tmp_path / "model.pt")
+    code = ("import sys, clip_models; model = clip_models.load_model(sys.argv[1]); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; print(model.config.struct_name())")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == tiny_vit.config.struct_name()
 
 
 def test_flash_attention_layout_is_converted(tiny_vit, tmp_path):
