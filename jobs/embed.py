@@ -26,7 +26,7 @@ from clip_platform import cli, config
 from clip_platform.batch.embed import COMPILE_CHOICES, COMPILE_MIN_IMAGES, DEFAULT_IMAGE_DATA, DEFAULT_TEXT_DATA, \
     EmbedConfig, embed
 from clip_platform.batch.embed_store import FORMATS
-from clip_platform.batch.zeroshot import PRECISIONS
+from clip_platform.batch.precision import PRECISIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -17,8 +17,8 @@ import json
 from collections.abc import Sequence
 
 from clip_platform import cli, config
+from clip_platform.batch.precision import PRECISIONS
 from clip_platform.batch.retrieval import RetrievalEvalConfig, format_table, retrieval_eval
-from clip_platform.batch.zeroshot import PRECISIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

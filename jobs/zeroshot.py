@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from clip_platform import cli, config
-from clip_platform.batch.zeroshot import PRECISIONS, ZeroShotConfig, zeroshot
+from clip_platform.batch.precision import PRECISIONS
+from clip_platform.batch.zeroshot import ZeroShotConfig, zeroshot
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

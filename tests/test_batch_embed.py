@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import clip_models
+from clip_models.packed import PackedLinears, packing_supported
 from clip_platform.batch import embed_store
 from clip_platform.batch import embed as embed_module
 from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
@@ -322,6 +323,21 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
     features = encoder.encode_images(pixels)
     assert encoder.forward is None  # later batches go straight to eager
     np.testing.assert_allclose(features, encode_images(model, pixels), atol=2e-6)
+
+
+def test_bf16_cpu_encoder_gives_the_direct_autocast_features(corpus):
+    _, checkpoint, model = corpus
+    encoder = embed_module.Encoder(str(checkpoint), TEXTS, "bf16")
+    assert isinstance(encoder.linears, PackedLinears) == packing_supported("cpu")
+    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上", "xyz"])
+    num_tokens = (tokens != 0).sum(1)
+    batch = {"text_id": np.arange(3), "path": np.array([""] * 3, object), "shard": np.zeros(3, int),
+             "row": np.arange(3), "note": np.array([""] * 3, object), "ok": np.array([True, False, True]),
+             "tokens": tokens.numpy(), "num_tokens": num_tokens.numpy()}
+    out = encoder(batch)
+    expected = encode_texts(model, tokens.numpy()[[0, 2]], num_tokens.numpy()[[0, 2]], "bf16")
+    np.testing.assert_allclose(out["feature"][[0, 2]], expected, atol=5e-3)
+    assert not out["feature"][1].any()
 
 
 def encoded_rows(shard: int, rows: list[int], ok: list[bool] | None = None) -> dict[str, np.ndarray]:

@@ -1,10 +1,14 @@
-"""Training-time options of the model: FLIP masking, gradient checkpointing,
-frozen vision tower, and the contrastive loss."""
+"""Options of the model: FLIP masking, gradient checkpointing, frozen vision tower,
+the contrastive loss, and bf16 CPU inference on packed weights."""
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
 import clip_models
+from clip_models.packed import PackedLinears, packed_linears, packing_supported
 from clip_models.vit import keep_random_patches
 
 
@@ -66,3 +70,27 @@ def test_contrastive_loss_and_accuracy():
     assert loss.item() < 1e-3 and acc == {"i2t": 1.0, "t2i": 1.0}
     loss_shuffled, acc_shuffled = clip_models.contrastive_loss(features, features.roll(1, 0), torch.tensor(100.0))
     assert loss_shuffled > loss and acc_shuffled["i2t"] == 0.0
+
+
+@pytest.mark.skipif(not packing_supported("cpu"), reason="this CPU has no oneDNN bf16")
+def test_packed_linears_give_the_autocast_results(tiny_vit):
+    images = torch.randint(0, 256, (3, 3, tiny_vit.image_size, tiny_vit.image_size), dtype=torch.uint8)
+    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上"], pad_to_longest=True)
+    visual = packed_linears(tiny_vit.visual, "cpu", torch.bfloat16)
+    assert isinstance(visual, PackedLinears) and visual.packed  # the ViT's in_proj and its nn.Linear layers
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected_images, expected_texts = tiny_vit.encode_image(images), tiny_vit.encode_text(tokens)
+        for _ in range(2):  # the context is entered once per batch
+            with visual:
+                got_images = tiny_vit.encode_image(images)
+                got_texts = tiny_vit.encode_text(tokens)  # the text tower's weights were not packed: autocast's path
+            torch.testing.assert_close(got_images, expected_images, atol=2e-3, rtol=1e-2)
+            torch.testing.assert_close(got_texts, expected_texts, atol=0, rtol=0)
+        with packed_linears(tiny_vit.bert, "cpu", torch.bfloat16):
+            torch.testing.assert_close(tiny_vit.encode_text(tokens), expected_texts, atol=2e-3, rtol=1e-2)
+
+
+def test_packed_linears_only_for_bf16_on_cpu(tiny_vit):
+    assert isinstance(packed_linears(tiny_vit.visual, "cpu", None), contextlib.nullcontext)
+    assert isinstance(packed_linears(tiny_vit.visual, "cpu", torch.float16), contextlib.nullcontext)
+    assert isinstance(packed_linears(tiny_vit.visual, "cuda", torch.bfloat16), contextlib.nullcontext)

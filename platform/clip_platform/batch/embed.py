@@ -16,6 +16,7 @@ data plane, and each batch is padded to its longest member rather than to
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,8 +37,8 @@ from ..data.records import BAD_IMAGE, BadRecord
 from .embed_source import IMAGES, MARKER_ROW, TEXTS, CorpusPlan, Modality, ShardedDatasource, plan_corpus, \
     record_to_dict
 from .embed_store import FORMATS, FinishedShard, ShardAssembler, ShardStore, write_json
+from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray, node_id
-from .zeroshot import PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,12 @@ class Encoder:
         # static graph would recompile for.
         self.forward = compiled_image_forward(self.model, compile_batch) \
             if compile_batch and modality == IMAGES else None
+        # Eager forward passes (the compiled graph packs its own weights).
+        self.linears = self._fast_linears() if self.forward is None else contextlib.nullcontext()
+
+    def _fast_linears(self):
+        tower = self.model.visual if self.modality == IMAGES else self.model.bert
+        return fast_linears(tower, self.precision, self.device)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         try:
@@ -319,17 +326,20 @@ class Encoder:
             if self.forward is None:
                 raise
             log.warning("torch.compile failed on node %s, encoding without it: %s", self.node, error)
-            self.forward = None
-            return encode_images(self.model, images, self.precision)
+            self.forward, self.linears = None, self._fast_linears()
+            with self.linears:
+                return encode_images(self.model, images, self.precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch["ok"], bool)
         features = np.zeros((len(ok), self.model.config.embed_dim), np.float32)
         if ok.any():
-            if self.modality == IMAGES:
-                features[ok] = self.encode_images(batch["image"][ok])
-            else:
-                features[ok] = encode_texts(self.model, batch["tokens"][ok], batch["num_tokens"][ok], self.precision)
+            with self.linears:
+                if self.modality == IMAGES:
+                    features[ok] = self.encode_images(batch["image"][ok])
+                else:
+                    features[ok] = encode_texts(self.model, batch["tokens"][ok], batch["num_tokens"][ok],
+                                                self.precision)
         out = {key: batch[key] for key in (self.modality.id_key, "path", "shard", "row", "note")}
         out["ok"], out["feature"] = ok, features
         out["node"] = np.full(len(ok), self.node, object)

@@ -28,8 +28,8 @@ from .embed_store import write_json
 from .evaluate import TOP_K, EvaluateConfig, evaluate
 from .features import atomic_path, read_features
 from .knn import KnnConfig, knn_search
+from .precision import PRECISIONS
 from .predictions import MODES, transform_t2i_to_i2t
-from .zeroshot import PRECISIONS
 
 log = logging.getLogger(__name__)
 

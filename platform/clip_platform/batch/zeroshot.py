@@ -24,13 +24,13 @@ import torch
 import clip_models
 
 from .features import atomic_path
+from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray
 from .templates import fill, load_templates
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-PRECISIONS = ("amp", "fp32", "bf16", "fp16")
 LOGIT_SCALE = 100.0  # cn_clip's fixed scale for zero-shot probabilities (not the model's learnt one)
 TEXT_BATCH = 256  # prompts encoded per forward pass
 
@@ -152,13 +152,6 @@ def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: 
     return (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous()
 
 
-def autocast(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
-
-
 # ---------------------------------------------------------------- mapper
 
 def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -187,13 +180,14 @@ class ImageClassifier:
         self.model, _ = clip_models.load(source, device=self.device)
         self.classifier = torch.tensor(classifier, device=self.device)  # a copy: Ray hands in a read-only array
         self.precision = precision
+        self.linears = fast_linears(self.model.visual, precision, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
         probs = np.zeros((len(ok), self.classifier.shape[1]), np.float32)
         if ok.any():
             images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
-            with torch.no_grad(), autocast(self.precision, self.device):
+            with torch.no_grad(), autocast(self.precision, self.device), self.linears:
                 features = self.model.encode_image(images)
             probs[ok] = image_probabilities(features.float(), self.classifier).cpu().numpy()
         return {"row": batch["row"], "label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok,

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-import clip_models
-
 from .config import TrainConfig
 
 STATE_FILE = "state.json"
