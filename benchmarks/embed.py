@@ -10,7 +10,8 @@ tokenized one by one and padded to 52, features normalised and written as JSONL.
 
 Ours: the whole embed job (planning, Ray Data read + decode tasks, encoder actor
 pool, shards written), bf16 autocast, image encoders compiled (--compile auto: 1024
-images are enough), texts padded to each batch's longest;
+images are enough), texts padded to each batch's longest and encoded eagerly on
+oneDNN-packed bf16 linear weights;
 the Ray cluster itself is started before the clock. Images: bf16 features are
 compared with the baseline's fp32 ones (cosine). The ceiling is the machine's:
 the model's FLOPs per image against the measured peak bf16 matmul, and against
