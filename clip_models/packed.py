@@ -34,26 +34,31 @@ class PackedLinears(TorchFunctionMode):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        self.packed: dict[int, torch.Tensor] = {}  # id of the fp32 weight -> its packed bf16 copy
+        # id of each fp32 weight -> (the weight, kept so its id stays its own; its packed bf16 copy)
+        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in module.modules():
             for name in _WEIGHTS:
                 weight = getattr(layer, name, None)
                 if isinstance(weight, nn.Parameter) and weight.dim() == 2 and \
                         (isinstance(layer, nn.Linear) or name == "in_proj_weight"):
                     with torch.no_grad():
-                        self.packed[id(weight)] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16())
+                        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16())
+                    self.packed[id(weight)] = (weight, packed)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            input, weight, bias = (*args, None, None)[:3] if len(args) > 1 else (args[0], kwargs.get("weight"), None)
-            bias = kwargs.get("bias", bias)
-            packed = self.packed.get(id(weight))
-            if packed is not None:
+            input, weight, bias = _linear_args(*args, **kwargs)
+            original, packed = self.packed.get(id(weight), (None, None))
+            if original is weight:
                 return torch.ops.mkldnn._linear_pointwise(input.to(torch.bfloat16), packed,
                                                           None if bias is None else bias.to(torch.bfloat16),
                                                           "none", [], "")
         return func(*args, **kwargs)
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias
 
 
 def packed_linears(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None):
