@@ -1,5 +1,7 @@
-"""Chinese BERT WordPiece tokenization with cn_clip's exact ids, through
-transformers' BertTokenizer over the vocabulary shipped in this package."""
+"""Chinese BERT WordPiece tokenization with cn_clip's exact ids, over the vocabulary
+shipped in this package: the `tokenizers` library's BERT WordPiece (what transformers'
+BertTokenizer runs, without importing transformers: ~20 ms against ~0.9 s, paid by
+every new worker that decodes texts)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -12,7 +14,21 @@ DEFAULT_CONTEXT_LENGTH = 52
 
 
 @lru_cache(maxsize=1)
+def wordpiece():
+    """The WordPiece tokenizer, configured as BertTokenizer(do_lower_case=True)."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    return BertWordPieceTokenizer(str(VOCAB_DIR / "vocab.txt"), clean_text=True, handle_chinese_chars=True,
+                                  strip_accents=None, lowercase=True)
+
+
+def special_ids() -> tuple[int, int]:
+    """The ids of [CLS] and [SEP]."""
+    return wordpiece().token_to_id("[CLS]"), wordpiece().token_to_id("[SEP]")
+
+
 def get_tokenizer():
+    """transformers' BertTokenizer over the same vocabulary (for Hugging Face exports)."""
     from transformers import BertTokenizer
 
     return BertTokenizer.from_pretrained(str(VOCAB_DIR))
@@ -27,9 +43,9 @@ def token_ids(texts: list[str], context_length: int = DEFAULT_CONTEXT_LENGTH) ->
     """[CLS] + wordpieces[:context_length - 2] + [SEP] per text, unpadded."""
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2, got {context_length}")
-    tok = get_tokenizer()
-    pieces = tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-    return [[tok.cls_token_id, *ids[: context_length - 2], tok.sep_token_id] for ids in pieces]
+    cls, sep = special_ids()
+    pieces = [e.ids for e in wordpiece().encode_batch(list(texts), add_special_tokens=False)] if texts else []
+    return [[cls, *ids[: context_length - 2], sep] for ids in pieces]
 
 
 def tokenize(texts: str | list[str], context_length: int = DEFAULT_CONTEXT_LENGTH,

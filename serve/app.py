@@ -268,7 +268,7 @@ class Encoder:
         import torch
 
         import clip_models
-        from clip_models.tokenizer import get_tokenizer, token_ids
+        from clip_models.tokenizer import special_ids, token_ids
 
         model, _ = await self._model(serve.get_multiplexed_model_id())
         start = time.perf_counter()
@@ -277,7 +277,7 @@ class Encoder:
         # Tokenize once without a limit: the full length tells truncation, then cut like cn_clip.
         full = token_ids(texts, 10**6)
         length = self.config.context_length
-        sep = get_tokenizer().sep_token_id
+        _, sep = special_ids()
         rows = [ids if len(ids) <= length else ids[:length - 1] + [sep] for ids in full]
         tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
         for i, row in enumerate(rows):
