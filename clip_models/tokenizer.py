@@ -22,6 +22,7 @@ def wordpiece():
                                   strip_accents=None, lowercase=True)
 
 
+@lru_cache(maxsize=1)
 def special_ids() -> tuple[int, int]:
     """The ids of [CLS] and [SEP]."""
     return wordpiece().token_to_id("[CLS]"), wordpiece().token_to_id("[SEP]")
