@@ -1,15 +1,28 @@
 """Released checkpoints: where they live and how they reach the local cache
-(resumable download, size and optional sha256 verification, a clear offline message)."""
+(resumable download, a clear offline message) and stay intact there.
+
+The publishers give no checksums, so nothing proves a first download is the published
+file beyond its length matching the server's Content-Length. What is verified is that
+the cached file stays the file first downloaded (or first found in the cache, e.g.
+copied there by hand): its size and sha256 are recorded then in a sidecar
+`<file>.sha256` (JSON: size, sha256, mtime_ns), and every later use checks the size
+(a stat) and, when the size or the modification time differs from the record, the
+sha256 (a full read, 2-3 s per GB on the 2-core development machine: too slow for every
+worker's every load). A mismatch is an error telling the user to delete the file."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 _CN_CLIP_URL = "https://clip-cn-beijing.oss-cn-beijing.aliyuncs.com/checkpoints/"
@@ -18,8 +31,7 @@ _QA_CLIP_URL = "https://huggingface.co/TencentARC/QA-CLIP/resolve/main/"  # Tenc
 
 @dataclass(frozen=True)
 class Release:
-    url: str  # where the checkpoint file is published
-    sha256: str | None = None  # verified when known; the publishers give none for these files
+    url: str  # where the checkpoint file is published (without a published checksum)
 
     @property
     def filename(self) -> str:
@@ -49,6 +61,7 @@ def fetch(name: str, download_root: str | os.PathLike | None = None, timeout: fl
     release = RELEASES[name]
     target = Path(download_root or default_cache_dir()) / release.filename
     if target.is_file():
+        verify_cached(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
@@ -60,11 +73,66 @@ def fetch(name: str, download_root: str | os.PathLike | None = None, timeout: fl
             f"  curl -L -C - -o {target} {release.url}\n"
             f"and copy the file to {target} here (or set CLIP_MODELS_CACHE, or pass the file's path to load())."
         ) from exc
-    if release.sha256 and _sha256(partial) != release.sha256:
-        partial.unlink()
-        raise RuntimeError(f"{release.url} failed its sha256 check; the partial file was removed, try again")
     partial.rename(target)
+    record(target)
     return target
+
+
+def sidecar_path(target: Path) -> Path:
+    """Where the size and sha256 of the cached `target` are recorded."""
+    return target.with_name(target.name + ".sha256")
+
+
+def record(target: Path) -> dict:
+    """Record `target`'s size, sha256 and mtime next to it (best effort on a read-only cache)."""
+    stat = target.stat()
+    entry = {"size": stat.st_size, "sha256": _sha256(target), "mtime_ns": stat.st_mtime_ns}
+    _write_sidecar(target, entry)
+    return entry
+
+
+def verify_cached(target: Path) -> None:
+    """Check the cached `target` against its record: size always, sha256 when the size or
+    mtime changed. A file without a record (copied into the cache by hand, or by cn_clip)
+    gets one now."""
+    sidecar = sidecar_path(target)
+    if not sidecar.exists():
+        log.info("recording the size and sha256 of %s in %s", target, sidecar.name)
+        record(target)
+        return
+    try:
+        entry = json.loads(sidecar.read_text())
+        size, sha256, mtime_ns = int(entry["size"]), str(entry["sha256"]), int(entry["mtime_ns"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the checksum record {sidecar} ({exc}); delete it to record "
+                              f"{target} afresh, or delete both to download again") from None
+    stat = target.stat()
+    if stat.st_size != size:
+        _mismatch(target, f"{stat.st_size} bytes, {size} when first downloaded")
+    if stat.st_mtime_ns != mtime_ns:
+        if _sha256(target) != sha256:
+            _mismatch(target, "its sha256 differs from the one recorded when it was first downloaded")
+        _write_sidecar(target, {"size": size, "sha256": sha256, "mtime_ns": stat.st_mtime_ns})
+
+
+def _mismatch(target: Path, what: str):
+    raise CheckpointError(f"the cached checkpoint {target} has changed since it was downloaded ({what}): it is "
+                          f"damaged or was replaced. Delete {target} and {sidecar_path(target).name} and load "
+                          f"it again to download it afresh")
+
+
+def _write_sidecar(target: Path, entry: dict) -> None:
+    sidecar = sidecar_path(target)
+    tmp = None
+    try:  # a temporary file renamed over the record: workers sharing the cache never read half of one
+        fd, tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", dir=target.parent)
+        with os.fdopen(fd, "w") as out:
+            json.dump(entry, out)
+        os.replace(tmp, sidecar)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.warning("cannot record the sha256 of %s in %s (%s): it will not be verified", target, sidecar, exc)
 
 
 def _download(url: str, partial: Path, timeout: float) -> None:
