@@ -17,16 +17,17 @@ from .checkpoint import (CheckpointError, build_model, export_cn_clip, export_hf
                          read_checkpoint, save_checkpoint)
 from .config import CLIPConfig, TextConfig, VisionConfig, config_from_names, config_from_struct
 from .hub import RELEASES
-from .loss import contrastive_loss
-from .model import CLIP
+from .loss import contrastive_loss, distillation_loss
+from .model import CLIP, normalize_features
 from .tokenizer import preprocess_text, tokenize
 from .transforms import decode_image, image_transform, normalize_pixels, train_transform
 
 __all__ = [
     "CLIP", "CLIPConfig", "CheckpointError", "TextConfig", "VisionConfig", "available_models", "build_model",
     "config_from_names", "config_from_struct", "contrastive_loss", "create_model", "decode_image",
-    "export_cn_clip", "export_hf", "image_transform", "infer_config", "load", "load_from_name", "load_model",
-    "normalize_pixels", "preprocess_text", "read_checkpoint", "resolve", "save_checkpoint", "tokenize", "train_transform",
+    "distillation_loss", "export_cn_clip", "export_hf", "image_transform", "infer_config", "load", "load_from_name",
+    "load_model", "normalize_features", "normalize_pixels", "preprocess_text", "read_checkpoint", "resolve",
+    "save_checkpoint", "tokenize", "train_transform",
 ]
 
 

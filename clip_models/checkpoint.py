@@ -28,10 +28,13 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------- reading
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
+def read_checkpoint(path: str | Path, mmap: bool = False,
+                    meta: dict | None = None) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
     """(state dict in cn_clip's key layout, config if the file records one, source kind).
     mmap: the tensors stay in the file, read only when touched: for a quick look at the
-    config and shapes (the file must not be rewritten while they are in use)."""
+    config and shapes (the file must not be rewritten while they are in use).
+    meta: a dict to fill with a training checkpoint's other top-level entries (cn_clip's
+    epoch, step, optimizer; our data_position), so a resume reads the file once."""
     path = Path(path)
     if path.is_dir():
         return _read_hf_dir(path, mmap)
@@ -48,6 +51,8 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict[str, tor
         raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    if meta is not None and isinstance(obj.get("state_dict"), dict):
+        meta.update((k, v) for k, v in obj.items() if k != "state_dict")
     if obj.get("format") == FORMAT:
         return clean_state_dict(obj["state_dict"]), CLIPConfig.from_dict(obj["config"]), FORMAT
     if isinstance(obj.get("state_dict"), dict):
@@ -198,22 +203,35 @@ def load_model(path: str | Path) -> CLIP:
 
 # ---------------------------------------------------------------- writing
 
-def save_checkpoint(model: CLIP, path: str | Path, **meta) -> Path:
-    """Our format: the config travels with the weights, so nothing is guessed on load."""
+def _cpu_state(weights: CLIP | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict, or a state dict (e.g. gathered from ZeRO-3 shards), on the CPU."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(weights: CLIP | dict[str, torch.Tensor], path: str | Path, config: CLIPConfig | None = None,
+                    **meta) -> Path:
+    """Our format: the config travels with the weights, so nothing is guessed on load.
+    `weights`: a model, or a state dict with its `config`."""
+    if config is None:
+        if not isinstance(weights, CLIP):
+            raise TypeError("save_checkpoint of a state dict needs its config")
+        config = weights.config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "version": 1, "config": model.config.to_dict(), "state_dict": state, **meta}, path)
+    torch.save({"format": FORMAT, "version": 1, "config": config.to_dict(), "state_dict": _cpu_state(weights), **meta},
+               path)
     return path
 
 
-def export_cn_clip(model: CLIP, path: str | Path, epoch: int = 0, step: int = 0, name: str = "export",
-                   optimizer: dict | None = None) -> Path:
-    """cn_clip's training checkpoint layout: `module.`-prefixed keys, as DDP saves them."""
+def export_cn_clip(weights: CLIP | dict[str, torch.Tensor], path: str | Path, epoch: int = 0, step: int = 0,
+                   name: str = "export", optimizer: dict | None = None, **meta) -> Path:
+    """cn_clip's training checkpoint layout: `module.`-prefixed keys, as DDP saves them.
+    `weights`: a model or its state dict; `meta`: more top-level entries (cn_clip ignores them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"module." + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"epoch": epoch, "step": step, "name": name, "state_dict": state}
+    state = {"module." + k: v for k, v in _cpu_state(weights).items()}
+    payload = {"epoch": epoch, "step": step, "name": name, "state_dict": state, **meta}
     if optimizer is not None:
         payload["optimizer"] = optimizer
     torch.save(payload, path)

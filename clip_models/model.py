@@ -85,17 +85,19 @@ class CLIP(nn.Module):
             return self.encode_text(text)
         if text is None:
             return self.encode_image(image, mask_ratio)
-        image_features = normalize(self.encode_image(image, mask_ratio))
-        text_features = normalize(self.encode_text(text))
+        image_features = normalize_features(self.encode_image(image, mask_ratio))
+        text_features = normalize_features(self.encode_text(text))
         return image_features, text_features, self.logit_scale.exp()
 
     def get_similarity(self, image: torch.Tensor, text: torch.Tensor):
         """(logits_per_image [N_img, N_txt], logits_per_text [N_txt, N_img])."""
-        image_features = normalize(self.encode_image(image))
-        text_features = normalize(self.encode_text(text))
+        image_features = normalize_features(self.encode_image(image))
+        text_features = normalize_features(self.encode_text(text))
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 
 
-def normalize(features: torch.Tensor) -> torch.Tensor:
+def normalize_features(features: torch.Tensor) -> torch.Tensor:
+    """Unit-length rows (cn_clip's `x / x.norm(dim=-1, keepdim=True)`): the one feature
+    normaliser of the model, the batch jobs and the Serve app."""
     return features / features.norm(dim=-1, keepdim=True)

@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
+
+from . import _ray_compat
 
 log = logging.getLogger("serve")
 PAGE = Path(__file__).with_name("index.html")
@@ -283,7 +284,7 @@ class Encoder:
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = torch.tensor(row)
         with torch.inference_mode():
-            features = torch.nn.functional.normalize(model.encode_text(tokens.to(self.device)).float(), dim=-1)
+            features = clip_models.normalize_features(model.encode_text(tokens.to(self.device)).float())
         features = features.cpu().numpy()
         self.work["text_batches"] += 1
         self.work["texts"] += len(texts)
@@ -315,7 +316,7 @@ class Encoder:
         if good:
             with torch.inference_mode():
                 encoded = model.encode_image(torch.stack(pixels).to(self.device)).float()
-            features[good] = torch.nn.functional.normalize(encoded, dim=-1).cpu().numpy()
+            features[good] = clip_models.normalize_features(encoded).cpu().numpy()
         out, start = [], 0
         for r in requests:
             end = start + len(r)
@@ -585,40 +586,23 @@ def build_app(config: ServeConfig):
                            ).bind(encoder, config)
 
 
-DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-
-
-def enable_direct_ingress() -> None:
+def enable_direct_ingress() -> bool:
     """Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS, Ray 2.60): each Gateway replica
     serves HTTP itself on a port of its own (30000+), so a request skips the proxy actor and the
     Ray calls that carry it to the Gateway (its scope, then its body fetched back from the proxy,
     then the response streamed back): ~9 ms of CPU per request on 2 cores, ~2.5 ms left. Ray's
     processes read the flag when they start: call this before ray.init starts a local Ray (on a
-    cluster, set the variable for `ray start`). The proxy keeps serving the usual port as well."""
-    os.environ[DIRECT_INGRESS_ENV] = "1"
-
-
-def direct_ingress_urls(target_groups, app_name: str, host: str, proxy_port: int) -> list[str] | None:
-    """The Gateway replicas' own HTTP addresses among the controller's target groups; [] while
-    direct ingress is on but no replica port is published yet; None when it is off (the only
-    groups are the proxies', which carry no application name)."""
-    groups = [g for g in target_groups if g.app_name == app_name
-              and str(getattr(g.protocol, "value", g.protocol)).upper() == "HTTP"]
-    if not groups:
-        return None
-    return [f"http://{host}:{port}" for port in sorted({t.port for g in groups for t in g.targets if t.port != proxy_port})]
+    cluster, set the variable for `ray start`). The proxy keeps serving the usual port as well.
+    False (proxy only, warned) on a Ray whose Serve internals were not tested: see _ray_compat."""
+    return _ray_compat.enable_direct_ingress()
 
 
 def gateway_urls(app_name: str, host: str, proxy_port: int, timeout_s: float = 60) -> list[str]:
     """Where to send HTTP: each Gateway replica's own address under direct ingress (asked of the
     Serve controller), else the proxy's. Call after serve.run."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    controller = _get_global_client()._controller
     deadline = time.monotonic() + timeout_s
     while True:
-        urls = direct_ingress_urls(ray.get(controller.get_target_groups.remote(app_name)), app_name, host, proxy_port)
+        urls = _ray_compat.direct_ingress_urls(app_name, host, proxy_port)
         if urls or urls is None or time.monotonic() > deadline:
             return urls or [f"http://{host}:{proxy_port}"]
         time.sleep(0.25)

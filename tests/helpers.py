@@ -33,3 +33,12 @@ def sample_log(run_dir: Path) -> dict[int, list[int]]:
         record = json.loads(line)
         steps[record["step"]] = record["indices"]
     return steps
+
+
+def write_features_jsonl(path: Path, features, id_key: str) -> Path:
+    """cn_clip's feature JSONL (its extract_features.py output) from a Features block: the
+    lines the embed job writes, as an input file for the KNN and Serve tests."""
+    from clip_platform.batch.features import jsonl_lines
+    from clip_platform.io import write_lines
+
+    return write_lines(path, jsonl_lines(features, id_key))

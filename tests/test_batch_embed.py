@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_models.packed import PackedLinears, packing_supported
+from clip_models._torch_compat import packed_linear_ops
+from clip_models.packed import PackedLinears
 from clip_platform.batch import embed_store
 from clip_platform.batch import embed as embed_module
 from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
@@ -309,6 +310,16 @@ def test_compiled_forward_pads_short_batches_to_one_graph(tiny_vit):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_without_inductor_freezing_the_encoder_runs_eager(corpus, monkeypatch):
+    _, checkpoint, model = corpus
+    monkeypatch.setattr(embed_module, "inductor_freezing", lambda: None)  # what _torch_compat gives then
+    assert compiled_image_forward(model, batch_size=4) is None
+    encoder = embed_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
+    assert encoder.forward is None
+    np.testing.assert_allclose(encoder.encode_images(pixels), encode_images(model, pixels), atol=2e-6)
+
+
 def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
     _, checkpoint, model = corpus
 
@@ -328,7 +339,7 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
 def test_bf16_cpu_encoder_gives_the_direct_autocast_features(corpus):
     _, checkpoint, model = corpus
     encoder = embed_module.Encoder(str(checkpoint), TEXTS, "bf16")
-    assert isinstance(encoder.linears, PackedLinears) == packing_supported("cpu")
+    assert isinstance(encoder.linears, PackedLinears) == (packed_linear_ops("cpu") is not None)
     tokens = clip_models.tokenize(["一只猫", "两只狗在草地上", "xyz"])
     num_tokens = (tokens != 0).sum(1)
     batch = {"text_id": np.arange(3), "path": np.array([""] * 3, object), "shard": np.zeros(3, int),

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clip_platform.batch.features import (Features, feature_dim, features_table, iter_feature_blocks, plan_shards,
-                                          read_feature_file, read_features, write_features_jsonl,
-                                          write_features_parquet)
+from clip_platform.batch.features import (Features, features_table, iter_feature_blocks, plan_shards,
+                                          read_feature_file, read_features, write_features_parquet)
 from clip_platform.batch.topk import chunk_topk, exact_topk, merge_topk
+from helpers import write_features_jsonl
 
 
 def random_features(n: int, dim: int = 8, seed: int = 0, first_id: int = 0) -> Features:
@@ -54,7 +54,7 @@ def test_parquet_shards_have_the_fixed_size_list_layout_and_plan_by_row_group(tm
     schema = pq.read_schema(tmp_path / "part-0.parquet")
     assert schema.field("id").type == pa.int64() and schema.field("feature").type == pa.list_(pa.float32(), 8)
     whole = read_features(tmp_path)
-    assert whole.ids.tolist() == list(range(30)) and feature_dim(tmp_path) == 8
+    assert whole.ids.tolist() == list(range(30)) and whole.dim == 8
     shards = plan_shards(tmp_path, max_rows=8)
     assert [s.num_rows for s in shards] == [8, 2] * 3  # row groups of 4, 4, 2 per file, never split
     np.testing.assert_array_equal(np.concatenate([s.read().vectors for s in shards]), whole.vectors)

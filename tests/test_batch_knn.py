@@ -10,9 +10,9 @@ import pytest
 
 from clip_platform import cli
 from clip_platform.batch.faiss_index import FaissSpec, build_index, choose_index, search_index
-from clip_platform.batch.features import Features, write_features_jsonl, write_features_parquet
+from clip_platform.batch.features import Features, write_features_parquet
 from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search, recall_at_k
-from helpers import load_job
+from helpers import load_job, write_features_jsonl
 from test_batch_features import brute_force, tied_features
 
 

@@ -75,6 +75,21 @@ def test_own_format_round_trip_keeps_config(tiny_vit, tmp_path):
     assert torch.load(path, weights_only=True)["epoch"] == 7
 
 
+def test_state_dicts_are_written_and_read_back_with_their_training_entries(tiny_vit, tmp_path):
+    state = tiny_vit.state_dict()
+    with pytest.raises(TypeError, match="config"):
+        clip_models.save_checkpoint(state, tmp_path / "no_config.pt")
+    ours = clip_models.save_checkpoint(state, tmp_path / "ours.pt", config=tiny_vit.config)
+    assert clip_models.read_checkpoint(ours)[1] == tiny_vit.config
+    cn = clip_models.export_cn_clip(state, tmp_path / "cn.pt", epoch=2, step=30, optimizer={"state": {}},
+                                    data_position={"epoch": 1, "step_in_epoch": 5})
+    meta = {}
+    read, _, kind = clip_models.read_checkpoint(cn, meta=meta)
+    assert kind == "cn_clip checkpoint" and read.keys() == state.keys()
+    assert meta == {"epoch": 2, "step": 30, "name": "export", "optimizer": {"state": {}},
+                    "data_position": {"epoch": 1, "step_in_epoch": 5}}
+
+
 @pytest.mark.parametrize("zipfile", [True, False])
 def test_mapped_read_gives_the_same_weights_and_config(tiny_vit, tmp_path, zipfile):
     path = tmp_path / "model.pt"

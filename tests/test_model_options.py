@@ -1,14 +1,18 @@
 """Options of the model: FLIP masking, gradient checkpointing, frozen vision tower,
-the contrastive loss, and bf16 CPU inference on packed weights."""
+the contrastive loss, bf16 CPU inference on packed weights, and the fallbacks when
+torch's private APIs are missing."""
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 
 import pytest
 import torch
 
 import clip_models
-from clip_models.packed import PackedLinears, packed_linears, packing_supported
+from clip_models import _torch_compat
+from clip_models.packed import PackedLinears, packed_linears
 from clip_models.vit import keep_random_patches
 
 
@@ -72,7 +76,25 @@ def test_contrastive_loss_and_accuracy():
     assert loss_shuffled > loss and acc_shuffled["i2t"] == 0.0
 
 
-@pytest.mark.skipif(not packing_supported("cpu"), reason="this CPU has no oneDNN bf16")
+def test_contrastive_loss_masks_bad_slots_as_if_they_were_absent():
+    images, texts = (torch.nn.functional.normalize(torch.randn(5, 8), dim=-1) for _ in range(2))
+    valid = torch.tensor([True, False, True, True, False])
+    masked, masked_acc = clip_models.contrastive_loss(images, texts, torch.tensor(10.0), valid=valid)
+    subset, subset_acc = clip_models.contrastive_loss(images[valid], texts[valid], torch.tensor(10.0))
+    torch.testing.assert_close(masked, subset)
+    assert masked_acc == subset_acc
+
+
+def test_distillation_loss_is_zero_on_the_teacher_and_fits_another_width():
+    teacher = torch.randn(4, 8)
+    assert clip_models.distillation_loss(teacher, teacher).abs() < 1e-6
+    student = torch.randn(4, 16, requires_grad=True)  # cn_clip resizes the student to the teacher's width
+    loss = clip_models.distillation_loss(teacher, student)
+    loss.backward()
+    assert loss.shape == () and 0 < loss < 2 and student.grad is not None
+
+
+@pytest.mark.skipif(_torch_compat.packed_linear_ops("cpu") is None, reason="this CPU has no oneDNN bf16")
 def test_packed_linears_give_the_autocast_results(tiny_vit):
     images = torch.randint(0, 256, (3, 3, tiny_vit.image_size, tiny_vit.image_size), dtype=torch.uint8)
     tokens = clip_models.tokenize(["一只猫", "两只狗在草地上"], pad_to_longest=True)
@@ -94,3 +116,42 @@ def test_packed_linears_only_for_bf16_on_cpu(tiny_vit):
     assert isinstance(packed_linears(tiny_vit.visual, "cpu", None), contextlib.nullcontext)
     assert isinstance(packed_linears(tiny_vit.visual, "cpu", torch.float16), contextlib.nullcontext)
     assert isinstance(packed_linears(tiny_vit.visual, "cuda", torch.bfloat16), contextlib.nullcontext)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch, caplog):
+    """The compat module's once-per-feature warnings, forgotten for this test and captured."""
+    monkeypatch.setattr(_torch_compat, "_warned", set())
+    caplog.set_level("WARNING", logger=_torch_compat.__name__)
+    return caplog
+
+
+def test_the_tested_torch_is_the_installed_one():
+    assert _torch_compat.supported(), f"torch {torch.__version__}: retest the private APIs, then widen TESTED"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_without_the_private_mkldnn_ops_bf16_runs_on_autocast(tiny_vit, monkeypatch, fresh_warnings):
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # a torch whose private ops moved
+    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上"], pad_to_longest=True)
+    assert _torch_compat.packed_linear_ops("cpu") is None
+    context = packed_linears(tiny_vit.bert, "cpu", torch.bfloat16)
+    assert isinstance(context, contextlib.nullcontext)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = tiny_vit.encode_text(tokens)
+        with context:
+            torch.testing.assert_close(tiny_vit.encode_text(tokens), expected, atol=0, rtol=0)
+    assert len(fresh_warnings.records) == 1 and "_is_mkldnn_bf16_supported" in fresh_warnings.text
+
+
+def test_on_an_untested_torch_the_private_apis_are_left_alone(monkeypatch, fresh_warnings):
+    monkeypatch.setattr(_torch_compat, "TESTED", ((1, 0), (1, 0)))
+    assert _torch_compat.inductor_freezing() is None
+    assert "is not the tested 1.0" in fresh_warnings.text and "eager encoding" in fresh_warnings.text
+
+
+def test_without_inductor_config_no_freezing(monkeypatch, fresh_warnings):
+    monkeypatch.setitem(sys.modules, "torch._inductor.config", None)  # a torch whose inductor config moved
+    assert _torch_compat.inductor_freezing() is None
+    assert _torch_compat.inductor_freezing() is None
+    assert len(fresh_warnings.records) == 1 and "inductor weight freezing unavailable" in fresh_warnings.text

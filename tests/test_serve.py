@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_platform.batch.features import Features, write_features_jsonl
+from clip_platform.batch.features import Features
 from conftest import TINY_VIT, start_local_ray
+from helpers import write_features_jsonl
 
 pytestmark = pytest.mark.slow
 SERVICE_CHECKPOINTS: dict[str, str] = {}  # filled by the service fixture

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import numpy as np
 import pytest
 
-from serve.app import ImageStore, ServeConfig, chunks, direct_ingress_urls, floats, image_media_type, num_items
+from serve import _ray_compat
+from serve.app import ImageStore, ServeConfig, chunks, enable_direct_ingress, floats, gateway_urls, image_media_type, \
+    num_items
 
 
 def test_config_checks_user_mistakes():
@@ -51,8 +54,25 @@ def test_direct_ingress_urls_from_the_controllers_target_groups():
                            targets=[Target(ip="10.0.0.1", port=p, instance_id=str(p), name=str(p)) for p in ports])
 
     proxies = group("", 8000)  # direct ingress off: only the proxies' group, with no application
-    assert direct_ingress_urls([proxies], "clip", "127.0.0.1", 8000) is None
+    assert _ray_compat.urls_from_target_groups([proxies], "clip", "127.0.0.1", 8000) is None
     replicas = [group("clip", 30001, 30000), group("clip", 40000, protocol=RequestProtocol.GRPC), group("other", 30002)]
-    assert direct_ingress_urls(replicas, "clip", "127.0.0.1", 8000) == ["http://127.0.0.1:30000",
-                                                                          "http://127.0.0.1:30001"]
-    assert direct_ingress_urls([group("clip", 8000)], "clip", "h", 8000) == []  # no replica port yet: the proxy's
+    assert _ray_compat.urls_from_target_groups(replicas, "clip", "127.0.0.1", 8000) == ["http://127.0.0.1:30000",
+                                                                                          "http://127.0.0.1:30001"]
+    assert _ray_compat.urls_from_target_groups([group("clip", 8000)], "clip", "h", 8000) == []  # no replica port yet
+
+
+def test_without_serve_internals_the_app_falls_back_to_the_proxy(monkeypatch, caplog):
+    import ray.serve.context
+
+    monkeypatch.delenv(_ray_compat.DIRECT_INGRESS_ENV, raising=False)
+    monkeypatch.setattr(_ray_compat, "_warned", set())
+    monkeypatch.delattr(ray.serve.context, "_get_global_client")  # a Ray whose controller API moved
+    with caplog.at_level("WARNING", logger=_ray_compat.__name__):
+        assert gateway_urls("clip", "127.0.0.1", 8000, timeout_s=0) == ["http://127.0.0.1:8000"]
+        assert gateway_urls("clip", "127.0.0.1", 8000, timeout_s=0) == ["http://127.0.0.1:8000"]
+    assert len(caplog.records) == 1 and "_get_global_client" in caplog.text  # one warning, naming what is gone
+
+    monkeypatch.setattr(_ray_compat, "TESTED", ((1, 0), (1, 0)))  # an untested Ray: the flag stays off
+    with caplog.at_level("WARNING", logger=_ray_compat.__name__):
+        assert enable_direct_ingress() is False
+    assert _ray_compat.DIRECT_INGRESS_ENV not in os.environ and "is not the tested 1.0" in caplog.text

@@ -31,12 +31,14 @@ import numpy as np
 import torch
 
 import clip_models
+from clip_models._torch_compat import inductor_freezing
 
 from ..data import decode_batch
 from ..data.records import BAD_IMAGE, BadRecord
+from ..io import write_json
 from .embed_source import IMAGES, MARKER_ROW, TEXTS, CorpusPlan, Modality, ShardedDatasource, plan_corpus, \
     record_to_dict
-from .embed_store import FORMATS, FinishedShard, ShardAssembler, ShardStore, write_json
+from .embed_store import FORMATS, FinishedShard, ShardAssembler, ShardStore
 from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray, node_id
 
@@ -252,8 +254,7 @@ def _align(records: list[BadRecord], count: int) -> list[BadRecord]:
 # ---------------------------------------------------------------- mapper: encode (actor pool)
 
 def normalise(features: torch.Tensor) -> np.ndarray:
-    features = features.float()
-    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
+    return clip_models.normalize_features(features.float()).cpu().numpy()
 
 
 def encode_images(model: clip_models.CLIP, images: np.ndarray, precision: str = "fp32",
@@ -268,19 +269,21 @@ def encode_images(model: clip_models.CLIP, images: np.ndarray, precision: str = 
         return normalise((forward or model.encode_image)(pixels.to(device)))
 
 
-def compiled_image_forward(model: clip_models.CLIP, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def compiled_image_forward(model: clip_models.CLIP, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """model.encode_image through torch.compile for inference: the weights are frozen as
     constants (on CPU, pre-packed for oneDNN: most of the gain) and short batches are padded
-    to `batch_size`, so one graph serves the whole corpus. The model must not be trained after."""
-    import torch._inductor.config as inductor
-
+    to `batch_size`, so one graph serves the whole corpus. The model must not be trained after.
+    None (encode eagerly) when this torch lacks inductor's freezing (a private API, warned once)."""
+    freezing = inductor_freezing()
+    if freezing is None:
+        return None
     compiled = torch.compile(model.encode_image, dynamic=False)
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         n = len(pixels)
         if n < batch_size:
             pixels = torch.cat([pixels, pixels.new_zeros((batch_size - n, *pixels.shape[1:]))])
-        with inductor.patch(freezing=True):  # this graph only (it compiles on the first call)
+        with freezing():  # this graph only (it compiles on the first call)
             return compiled(pixels)[:n]
 
     return forward

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from ..data.bad_records import BadRecordCounter, BadRecordSummary
 from ..data.records import DUPLICATE_ID, BadRecord
 from .embed_source import MARKER_ROW, Modality
-from .features import Features, atomic_path, features_table, table_to_features
+from ..io import atomic_path, write_json, write_lines
+from .features import Features, features_table, jsonl_lines, table_to_features
 
 FORMATS = ("parquet", "jsonl")
 PLAN_FILE = "_plan.json"
@@ -192,8 +193,7 @@ class ShardStore:
             with atomic_path(path) as tmp:
                 pq.write_table(table, tmp)
             return
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-            out.writelines(feature_lines(features, self.modality.id_key, paths))
+        write_lines(path, feature_lines(features, self.modality.id_key, paths))
 
     def records(self, num_shards: int) -> list[dict[str, Any]]:
         return [r for r in (self.record(i) for i in range(num_shards)) if r is not None]
@@ -232,8 +232,7 @@ class ShardStore:
                 pq.write_table(table, tmp)
         else:
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-                out.writelines(line for line, kept in zip(lines, keep) if kept)
+            write_lines(path, (line for line, kept in zip(lines, keep) if kept))
         with atomic_path(self.ids_path(shard)) as tmp, open(tmp, "wb") as out:
             np.save(out, ids[keep])
         record = self.record(shard)
@@ -276,13 +275,7 @@ class ShardStore:
 def feature_lines(features: Features, id_key: str, paths: list[str] | None = None) -> Iterable[str]:
     """cn_clip's lines (`{"image_id": 1, "feature": [...]}`), plus `path` for string-named records."""
     if paths is None:
-        for id_, vector in zip(features.ids.tolist(), features.vectors.tolist()):
-            yield json.dumps({id_key: id_, "feature": vector}) + "\n"
+        yield from jsonl_lines(features, id_key)
         return
     for id_, vector, name in zip(features.ids.tolist(), features.vectors.tolist(), paths):
         yield json.dumps({id_key: id_, "feature": vector, "path": name}) + "\n"
-
-
-def write_json(path: str | Path, payload: Any) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        json.dump(payload, out, ensure_ascii=False)

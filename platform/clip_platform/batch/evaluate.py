@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .features import atomic_path
+from ..io import write_json, write_lines
 from .predictions import (check_mode, iter_annotations, looks_like, read_annotations, read_predictions,
                           transform_t2i_to_i2t)
 
@@ -89,12 +89,6 @@ def error_json(message: str) -> dict:
     return {"errorDetail": message, "errorMsg": message, "score": 0, "scoreJson": {}, "success": False}
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    # json.dump with default separators, as cn_clip's dump_2_json: identical bytes.
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        json.dump(payload, out)
-
-
 def load_reference(path: str | os.PathLike, mode: str) -> dict[int, list[int]]:
     """Ground truth for `mode`; for i2t, text->image annotations are transformed in memory."""
     if mode == "i2t" and not looks_like(path, "i2t") and looks_like(path, "t2i"):
@@ -109,14 +103,15 @@ def load_reference(path: str | os.PathLike, mode: str) -> dict[int, list[int]]:
 def evaluate(config: EvaluateConfig) -> dict:
     """Score `config.predictions` against `config.ground_truth`; writes and returns
     cn_clip's recall JSON. A bad input writes cn_clip's error JSON, then raises."""
+    # ensure_ascii=True: json.dump's defaults, as cn_clip's dump_2_json, so the bytes are identical.
     try:
         reference = load_reference(config.ground_truth, config.mode)
         predictions = read_predictions(config.predictions, config.mode, reference, TOP_K)
         result = compute_recall(reference, predictions).to_json()
     except (ValueError, FileNotFoundError) as exc:
-        write_json(config.output, error_json(str(exc)))
+        write_json(config.output, error_json(str(exc)), ensure_ascii=True)
         raise
-    write_json(config.output, result)
+    write_json(config.output, result, ensure_ascii=True)
     scores = result["scoreJson"]
     log.info("%s recall over %d queries: R@1 %.2f  R@5 %.2f  R@10 %.2f  mean %.2f -> %s", config.mode,
              len(reference), scores["r1"], scores["r5"], scores["r10"], scores["mean_recall"], config.output)
@@ -135,8 +130,7 @@ def transform_annotations(input_path: str | os.PathLike, output_path: str | os.P
     image->text (`{"image_id", "text_ids"}` lines), default output `X.tr.jsonl`."""
     output = Path(output_path or default_tr_path(str(input_path)))
     i2t = transform_t2i_to_i2t(iter_annotations(input_path, "t2i"))
-    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        out.writelines(_tr_lines(i2t))
+    write_lines(output, _tr_lines(i2t))
     log.info("wrote %d image->text annotations to %s", len(i2t), output)
     return output
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from ..io import atomic_path
 
 ID_KEYS = ("image_id", "text_id", "id")  # the id field of a JSONL feature line
 FEATURE_SUFFIXES = (".parquet", ".jsonl")
@@ -333,17 +333,6 @@ def _iter_file(file: Path, block_rows: int, id_key: str | None) -> Iterator[Feat
         raise ValueError(f"{file} is not a Parquet feature file with columns 'id' and 'feature': {exc}") from None
 
 
-def feature_dim(path: str | os.PathLike, id_key: str | None = None) -> int:
-    """The feature dimension, read from the first file's schema (Parquet) or first line (JSONL)."""
-    file = feature_files(path)[0]
-    if is_parquet(file):
-        feature_type = pq.read_schema(file).field("feature").type
-        if pa.types.is_fixed_size_list(feature_type):
-            return feature_type.list_size
-    block = next(iter_feature_blocks(file, 1, id_key), None)
-    return block.dim if block is not None else 0
-
-
 # ---------------------------------------------------------------- writing
 
 def features_table(features: Features) -> pa.Table:
@@ -365,27 +354,3 @@ def jsonl_lines(features: Features, id_key: str) -> Iterator[str]:
     """cn_clip's feature lines: `{"image_id": 1, "feature": [...]}` as json.dumps writes them."""
     for id_, vector in zip(features.ids.tolist(), features.vectors.tolist()):
         yield json.dumps({id_key: id_, "feature": vector}) + "\n"
-
-
-def write_features_jsonl(path: str | os.PathLike, features: Features, id_key: str) -> Path:
-    if id_key not in ID_KEYS:
-        raise ValueError(f"id_key must be one of {ID_KEYS}, got {id_key!r}")
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        out.writelines(jsonl_lines(features, id_key))
-    return Path(path)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary path next to `path`, renamed onto it only if the block succeeds:
-    readers (and resumed jobs) never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)

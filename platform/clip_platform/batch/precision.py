@@ -8,7 +8,7 @@ from torch import nn
 
 from clip_models.packed import packed_linears
 
-PRECISIONS = ("amp", "fp32", "bf16", "fp16")
+PRECISIONS = ("amp", "fp32", "bf16", "fp16")  # --precision of every job, finetuning included
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

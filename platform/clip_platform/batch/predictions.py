@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-from .features import atomic_path, json_objects
+from ..io import atomic_path
+from .features import json_objects
 
 MODES = ("t2i", "i2t")
 KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}  # mode -> (query key, result key)

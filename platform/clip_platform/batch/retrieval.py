@@ -23,10 +23,10 @@ from typing import Any
 import clip_models
 
 from ..data import iter_texts, lmdb_io
+from ..io import write_json, write_lines
 from .embed import EmbedConfig, EmbedReport, embed
-from .embed_store import write_json
 from .evaluate import TOP_K, EvaluateConfig, evaluate
-from .features import atomic_path, read_features
+from .features import read_features
 from .knn import KnnConfig, knn_search
 from .precision import PRECISIONS
 from .predictions import MODES, transform_t2i_to_i2t
@@ -102,8 +102,8 @@ def write_ground_truth(texts: str, out: Path, image_ids: set[int], text_ids: set
             "i2t": {q: ids for q, ids in i2t.items() if q in image_ids}}
     for mode, reference in kept.items():
         query_key, result_key = ("text_id", "image_ids") if mode == "t2i" else ("image_id", "text_ids")
-        with atomic_path(out / f"ground_truth_{mode}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as lines:
-            lines.writelines(json.dumps({query_key: q, result_key: ids}) + "\n" for q, ids in reference.items())
+        write_lines(out / f"ground_truth_{mode}.jsonl",
+                    (json.dumps({query_key: q, result_key: ids}) + "\n" for q, ids in reference.items()))
     return {"t2i": {"num_queries": len(kept["t2i"]), "num_without_features": len(t2i) - len(kept["t2i"])},
             "i2t": {"num_queries": len(kept["i2t"]), "num_without_features": len(i2t) - len(kept["i2t"])}}
 

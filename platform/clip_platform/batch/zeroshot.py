@@ -23,7 +23,7 @@ import torch
 
 import clip_models
 
-from .features import atomic_path
+from ..io import write_lines
 from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray
 from .templates import fill, load_templates
@@ -147,9 +147,8 @@ def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: 
             tokens = clip_models.tokenize(texts[start:start + TEXT_BATCH], context_length, pad_to_longest=True)
             features.append(model.encode_text(tokens.to(device)).float())
     per_prompt = torch.cat(features).view(len(classnames), len(templates), -1)
-    per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
-    mean = per_prompt.mean(dim=1)
-    return (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous()
+    mean = clip_models.normalize_features(per_prompt).mean(dim=1)
+    return clip_models.normalize_features(mean).T.contiguous()
 
 
 # ---------------------------------------------------------------- mapper
@@ -195,8 +194,7 @@ class ImageClassifier:
 
 
 def image_probabilities(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    features = image_features / image_features.norm(dim=-1, keepdim=True)
-    return (LOGIT_SCALE * features @ classifier).softmax(dim=-1)
+    return (LOGIT_SCALE * clip_models.normalize_features(image_features) @ classifier).softmax(dim=-1)
 
 
 def classify_images(records: list[tuple[str, int]], source: str, classifier: np.ndarray, image_size: int,
@@ -266,9 +264,7 @@ def elevater_json(model: clip_models.CLIP, model_name: str, dataset: str, probs:
 
 
 def write_elevater_json(path: str | os.PathLike, payload: dict) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        out.write(json_prec_dump(payload))
-    return Path(path)
+    return write_lines(path, [json_prec_dump(payload)])
 
 
 # ---------------------------------------------------------------- the job

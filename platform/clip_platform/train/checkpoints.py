@@ -8,8 +8,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
+import clip_models
 
+from ..io import atomic_path, write_json
 from .config import TrainConfig
 
 STATE_FILE = "state.json"
@@ -84,7 +85,7 @@ class RunLogger:
     def worker_nodes(self, nodes: list[dict]) -> None:
         """Where each rank runs ({run}/workers.json): placement is visible after the fact."""
         if self.enabled:
-            (self.config.run_dir / "workers.json").write_text(json.dumps(nodes, indent=1))
+            write_json(self.config.run_dir / "workers.json", nodes, indent=1)
             log.info(f"{len(nodes)} workers on {len({n['node_id'] for n in nodes})} node(s)")
 
     def metrics(self, m: dict) -> None:
@@ -106,10 +107,10 @@ class RunLogger:
 
 
 def write_ray_checkpoint(directory: Path, model, model_state: dict, position) -> None:
-    """Rank 0's part of a Ray Train checkpoint: weights with their config, and the position."""
-    torch.save({"format": "clip_models", "version": 1, "config": model.config.to_dict(), "state_dict": model_state},
-               directory / MODEL_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({"position": dataclasses.asdict(position)}))
+    """Rank 0's part of a Ray Train checkpoint: weights with their config (clip_models' own
+    format), and the position."""
+    clip_models.save_checkpoint(model_state, directory / MODEL_FILE, config=model.config)
+    write_json(directory / STATE_FILE, {"position": dataclasses.asdict(position)})
 
 
 def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_end: int | None,
@@ -117,11 +118,7 @@ def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_
     """cn_clip's files: epoch_latest.pt always, epoch{E}.pt at save epochs and the end,
     epoch_{E}_{S}.pt at save steps. `data_position` lets our --resume continue mid-epoch."""
     epoch_number = position.epoch if epoch_end is not None else position.epoch + 1
-    payload = {"epoch": epoch_number, "step": position.global_step, "name": config.name,
-               "state_dict": {"module." + k: v for k, v in model_state.items()},
-               "data_position": {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch}}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer
+    data_position = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch}
     out = config.checkpoint_dir
     out.mkdir(parents=True, exist_ok=True)
     names = ["epoch_latest.pt"]
@@ -132,6 +129,9 @@ def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_
     if final:
         names.append(f"epoch{epoch_number}.pt")
     for name in dict.fromkeys(names):
-        torch.save(payload, out / name)
+        # Atomic: a worker killed mid-save leaves the previous epoch_latest.pt, not half a file.
+        with atomic_path(out / name) as tmp:
+            clip_models.export_cn_clip(model_state, tmp, epoch=epoch_number, step=position.global_step,
+                                       name=config.name, optimizer=optimizer, data_position=data_position)
         log.info(f"Saved checkpoint {out / name} (epoch {epoch_number} @ {position.global_step} steps)")
 

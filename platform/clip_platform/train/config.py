@@ -8,7 +8,8 @@ from pathlib import Path
 
 import clip_models
 
-PRECISIONS = ("amp", "fp16", "bf16", "fp32")
+from ..batch.precision import PRECISIONS
+
 BACKENDS = ("deepspeed", "ddp")
 
 

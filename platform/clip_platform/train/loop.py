@@ -121,15 +121,16 @@ class Trainer:
                          f"step {self.position.global_step}")
 
     def _restore_file(self, path: str) -> None:
-        """--resume: any checkpoint clip_models.load accepts; cn_clip's epoch/step/optimizer too."""
-        sd, _, kind = clip_models.read_checkpoint(clip_models.resolve(path))
+        """--resume: any checkpoint clip_models.load accepts; cn_clip's epoch/step/optimizer too
+        when it is a file given by path (a released name starts from its weights only)."""
+        meta = {}  # filled by the one read of the file
+        sd, _, kind = clip_models.read_checkpoint(clip_models.resolve(path),
+                                                  meta=meta if Path(path).is_file() else None)
         try:
             self.engine.load_model_state(sd)
         except RuntimeError as exc:
             raise ValueError(f"--resume {path} does not fit {self.config.vision_model}@{self.config.text_model}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
-        meta = torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else {}
-        meta = meta if isinstance(meta, dict) else {}
         if not self.config.reset_data_offset and "step" in meta:
             position = meta.get("data_position") or {"epoch": meta.get("epoch", 0), "step_in_epoch": 0}
             self.position = Position(position["epoch"], position["step_in_epoch"], int(meta["step"]))
