@@ -1,4 +1,4 @@
-"""Repository layout guards (DESIGN §2)."""
+"""Repository layout guards (docs/architecture.md, "Why `platform/` has no `__init__.py`")."""
 from __future__ import annotations
 
 import os
