@@ -1,70 +1,75 @@
-"""Records/s from cn_clip datasets (LMDB, TSV + JSONL) to decoded, model-ready
-arrays: Ray Data (`read_pairs` -> `DecodeStage`) against a single-process
-Python loop doing what cn_clip's LMDBDataset does per record, on the same files.
+"""Training pairs/s from a dataset (cn_clip LMDB, webdataset tar shards) to decoded,
+model-ready arrays, in the sample plan's shuffled order: the training read path (the data
+plane's `open_pairs` -> `PlannedPairsDatasource` -> `SampleDecoder`, in Ray tasks) against
+a single-process Python loop doing what cn_clip's LMDBDataset does per record, on the
+same pairs.
 
     python benchmarks/read.py [--num-images 2000] [--resolution 256] [--image-size 224] [--num-cpus N]
 
-Prints one line per format with both rates and their ratio. The data is the
-synthetic dataset (written to a temporary directory, or --data-dir). The loop
-runs torch with one thread by default, as a cn_clip DataLoader worker does and
-as each Ray task does; on a shared machine, note the load average printed.
+Prints one line per format with both rates and their ratio. The data is the synthetic
+dataset (written to a temporary directory, or --data-dir), and the same pairs written
+as webdataset shards. The loop runs torch with one thread by default, as a cn_clip
+DataLoader worker does and as each Ray task does; on a shared machine, note the load
+average printed.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import clip_models
-from clip_platform.data import DecodeStage, SyntheticConfig, count_pairs, make_synthetic, read_pairs
+from clip_platform.data import SyntheticConfig, make_synthetic, open_pairs
 from clip_platform.data import lmdb_io
-from clip_platform.data.readers import split_files
-from clip_platform.data.records import b64decode_image, parse_image_line, parse_text_line
+from clip_platform.train.data import SampleDecoder, stream_batches
 
 
-def loop_lmdb(split_dir: Path, image_size: int, context_length: int) -> int:
-    """cn_clip's LMDBDataset.__getitem__, record after record, in this process."""
+def loop(split_dir: Path, order: np.ndarray, image_size: int, context_length: int) -> int:
+    """cn_clip's LMDBDataset.__getitem__, record after record in plan order, in this process."""
     transform = clip_models.image_transform(image_size)
+    with lmdb_io.pair_reader(split_dir) as read:
+        for index in order.tolist():
+            _, _, text, image = read(index)
+            transform(clip_models.decode_image(image))
+            clip_models.tokenize([clip_models.preprocess_text(text)], context_length)
+    return len(order)
+
+
+def through_ray(path: str, order: np.ndarray, image_size: int, context_length: int, batch_size: int,
+                concurrency: int) -> int:
+    """The training stream; it ships uint8 pixels, normalised here so both sides end
+    with the same float32 arrays."""
+    import torch
+
     done = 0
-    for _, _, text, image in lmdb_io.iter_pairs(split_dir, 0, lmdb_io.num_samples(split_dir), []):
-        transform(clip_models.decode_image(image))
-        clip_models.tokenize([clip_models.preprocess_text(text)], context_length)
-        done += 1
+    for batch in stream_batches(open_pairs(path), SampleDecoder(image_size, context_length), order, batch_size,
+                                concurrency):
+        clip_models.normalize_pixels(torch.from_numpy(batch["image"]))
+        done += int(batch["valid"].sum())
     return done
 
 
-def loop_tsv(data_dir: Path, split: str, image_size: int, context_length: int) -> int:
-    """The same from TSV + JSONL: texts indexed by image id, images streamed line by line."""
-    transform = clip_models.image_transform(image_size)
-    images_path, texts_path = split_files(data_dir, split)
-    texts: dict[int, list[str]] = {}
-    with open(texts_path, "rb") as lines:
-        for line in lines:
-            record = parse_text_line(line)
-            for image_id in record.image_ids:
-                texts.setdefault(image_id, []).append(record.text)
-    done = 0
-    with open(images_path, "rb") as lines:
-        for line in lines:
-            image_id, b64 = parse_image_line(line)
-            for text in texts.get(image_id, []):
-                transform(clip_models.decode_image(b64decode_image(b64)))
-                clip_models.tokenize([clip_models.preprocess_text(text)], context_length)
-                done += 1
-    return done
+def write_shards(split_dir: Path, out: Path, per_shard: int = 500) -> str:
+    """The LMDB split's pairs as img2dataset-style tar shards; returns their brace pattern."""
+    import io
 
-
-def through_ray(dataset, image_size: int, context_length: int, batch_size: int | None) -> int:
-    """Records through Ray; the stage ships uint8 pixels, normalised here so both sides
-    end with the same float32 arrays."""
-    ds = dataset.map_batches(DecodeStage(image_size, context_length), batch_format="numpy", batch_size=batch_size)
-    done = 0
-    for batch in ds.iter_torch_batches(batch_size=256):
-        clip_models.normalize_pixels(batch["image"])
-        done += len(batch["image_id"])
-    return done
+    out.mkdir(parents=True, exist_ok=True)
+    total = lmdb_io.num_samples(split_dir)
+    with lmdb_io.pair_reader(split_dir) as read:
+        for number, start in enumerate(range(0, total, per_shard)):
+            with tarfile.open(out / f"{number:05d}.tar", "w") as tar:
+                for index in range(start, min(total, start + per_shard)):
+                    _, _, text, image = read(index)
+                    for extension, data in (("jpg", image), ("txt", text.encode())):
+                        info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return f"{out}/{{00000..{number:05d}}}.tar"
 
 
 def rate(fn, *args) -> tuple[float, int]:
@@ -79,8 +84,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="stored image side")
     parser.add_argument("--image-size", type=int, default=224, help="model input side (decode + resize to this)")
     parser.add_argument("--context-length", type=int, default=52)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="map_batches batch size (default: none, so Ray fuses decoding into the read tasks)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training micro-batch")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--loop-threads", type=int, default=1,
                         help="torch threads of the loop (1: one core, as a cn_clip DataLoader worker; Ray tasks "
@@ -93,31 +97,25 @@ def main() -> None:
 
     torch.set_num_threads(args.loop_threads)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="read_bench_"))
-    if not (data_dir / "lmdb" / "train").exists():
+    split_dir = data_dir / "lmdb" / "train"
+    if not split_dir.exists():
         make_synthetic(SyntheticConfig(str(data_dir), num_train=args.num_images, num_valid=16, num_test=0,
                                        resolution=args.resolution, lmdb=True, zeroshot_per_class=0))
-    num_pairs = count_pairs(data_dir / "lmdb" / "train")
+    shards = write_shards(split_dir, data_dir / "shards")
+    num_pairs = lmdb_io.num_samples(split_dir)
+    order = np.random.default_rng(0).permutation(num_pairs)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
-    print(f"{num_pairs} pairs of {args.resolution}px JPEGs -> image [3,{args.image_size},{args.image_size}] "
-          f"+ tokens [{args.context_length}]; Ray: {args.num_cpus} CPUs; loop: one process, "
-          f"{torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f} before the runs")
-    split_dir = data_dir / "lmdb" / "train"
-    cases = [
-        ("LMDB", (loop_lmdb, split_dir, args.image_size, args.context_length),
-         lambda: read_pairs(split_dir)),
-        ("TSV+JSONL", (loop_tsv, data_dir, "train", args.image_size, args.context_length),
-         lambda: read_pairs(data_dir, "train")),
-    ]
-    for name, loop_args, make_dataset in cases:
-        # An untimed pass first: every worker imports torch and loads the tokenizer once.
-        through_ray(make_dataset(), args.image_size, args.context_length, args.batch_size)
-        loop_rate, loop_records = rate(*loop_args)
-        ray_rate, ray_records = rate(through_ray, make_dataset(), args.image_size, args.context_length,
-                                     args.batch_size)
+    print(f"{num_pairs} pairs of {args.resolution}px JPEGs in a shuffled plan order -> image "
+          f"[3,{args.image_size},{args.image_size}] + tokens [{args.context_length}]; Ray: {args.num_cpus} CPUs; "
+          f"loop: one process, {torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f}")
+    ray_args = (order, args.image_size, args.context_length, args.batch_size, args.num_cpus)
+    for name, path in (("LMDB", str(split_dir)), ("webdataset", shards)):
+        through_ray(path, order[:args.batch_size], *ray_args[1:])  # untimed: workers import torch once
+        loop_rate, loop_records = rate(loop, split_dir, order, args.image_size, args.context_length)
+        ray_rate, ray_records = rate(through_ray, path, *ray_args)
         assert loop_records == ray_records == num_pairs, (loop_records, ray_records, num_pairs)
-        print(f"{name:10s} loop {loop_rate:8.1f} records/s | Ray Data {ray_rate:8.1f} records/s | "
+        print(f"{name:10s} loop {loop_rate:8.1f} pairs/s | training stream {ray_rate:8.1f} pairs/s | "
               f"ratio {ray_rate / loop_rate:5.2f}x")
     ray.shutdown()
 

@@ -35,6 +35,30 @@ def sample_log(run_dir: Path) -> dict[int, list[int]]:
     return steps
 
 
+def write_tar_shards(folder: Path, samples, per_shard: int = 4) -> list[Path]:
+    """webdataset shards as img2dataset writes them: `{key}.jpg` / `{key}.txt` / `{key}.json`
+    members, a sample's members together, `per_shard` samples per `{00000..}.tar`.
+    `samples` are (key, image bytes or None, caption or None)."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, start in enumerate(range(0, len(samples), per_shard)):
+        path = folder / f"{number:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key, image, caption in samples[start:start + per_shard]:
+                members = [("json", json.dumps({"key": key}).encode())]
+                members += [("jpg", image)] if image is not None else []
+                members += [("txt", caption.encode())] if caption is not None else []
+                for extension, data in members:
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
 def write_features_jsonl(path: Path, features, id_key: str) -> Path:
     """cn_clip's feature JSONL (its extract_features.py output) from a Features block: the
     lines the embed job writes, as an input file for the KNN and Serve tests."""

@@ -21,12 +21,13 @@ from clip_models.packed import PackedLinears
 from clip_platform.batch import embed_store
 from clip_platform.batch import embed as embed_module
 from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
-from clip_platform.batch.embed_source import IMAGES, MARKER_ROW, TEXTS, file_id
+from clip_platform.batch.embed_source import IMAGES, MARKER_ROW, TEXTS
+from clip_platform.data.records import stable_id
 from clip_platform.batch.embed_store import ShardAssembler, ShardStore
 from clip_platform.batch.evaluate import compute_recall
 from clip_platform.batch.features import Features, read_features
 from clip_platform.data import SyntheticConfig, iter_texts, make_synthetic
-from helpers import load_job
+from helpers import load_job, write_tar_shards
 
 TINY = "ViT-Tiny@BERT-Tiny-chinese"
 
@@ -205,7 +206,7 @@ def test_bad_records_are_skipped_counted_and_listed(ray_local, corpus, tmp_path,
     assert folder_report["skipped"]["examples"]["unreadable image"][0]["id"] == "broken.jpg"
     table = pq.read_table(next((tmp_path / "folder_out" / "images").glob("part-*.parquet")))
     assert dict(zip(table.column("path").to_pylist(), table.column("id").to_pylist())) == {
-        "7.jpg": 7, "sub/cat.png": file_id("sub/cat.png")}
+        "7.jpg": 7, "sub/cat.png": stable_id("sub/cat.png")}
 
     # A Parquet corpus (id, image), cut along row groups.
     pq.write_table(pa.table({"id": [21, 22, 23], "image": [jpeg((1, 1, 1)), b"broken", jpeg((9, 9, 9))]}),
@@ -215,6 +216,48 @@ def test_bad_records_are_skipped_counted_and_listed(ray_local, corpus, tmp_path,
                                          "--rows-per-shard", "2"], capsys)
     assert parquet_report["num_shards"] == 2 and parquet_report["skipped"]["counts"] == {"unreadable image": 1}
     assert sorted(read_features(tmp_path / "pq_out" / "images").ids.tolist()) == [21, 23]
+
+
+def test_webdataset_shards_embed_by_key(ray_local, corpus, tmp_path, capsys):
+    """img2dataset's tar shards: image and caption features keyed by the sample keys, a
+    corrupt image skipped and named, a caption-only sample in the texts only, each good
+    sample exactly once, through a brace pattern on a filesystem URI."""
+    root, checkpoint, model = corpus
+    data = root / "data"
+    images = {}
+    for line in (data / "valid_imgs.tsv").read_text().splitlines()[:5]:
+        image_id, b64 = line.split("\t")
+        images[int(image_id)] = base64.urlsafe_b64decode(b64)
+    texts = {t.text_id: t.text for t in iter_texts(data / "valid_texts.jsonl")}
+    captions = dict(zip(images, list(texts.values())[:5]))
+    samples = [(f"{k:09d}", v, captions[k]) for k, v in images.items()]
+    samples += [("000000900", b"corrupt bytes", "坏图"), ("000000901", None, "只有文字"), ("cat-photo", jpeg((5, 5, 5)), "猫")]
+    write_tar_shards(tmp_path / "shards", samples, per_shard=3)
+    pattern = f"file://{tmp_path}/shards/{{00000..00002}}.tar"
+    texts_report, images_report = run_job("embed", [
+        "--extract-image-feats", "--extract-text-feats", "--image-data", pattern, "--text-data", pattern,
+        "--resume", str(checkpoint), "--output-dir", str(tmp_path / "out")], capsys)
+    assert images_report["num_shards"] == 3 and images_report["num_features"] == 6
+    assert images_report["skipped"]["counts"] == {"unreadable image": 1}
+    assert images_report["skipped"]["examples"]["unreadable image"][0]["id"] == "000000900"  # named by its key
+    got = as_dict(read_features(tmp_path / "out" / "images"))
+    preprocess = clip_models.image_transform(model.image_size)
+    with torch.no_grad():
+        direct = {k: model.encode_image(preprocess(Image.open(io.BytesIO(v)))[None])[0] for k, v in images.items()}
+    assert_features_equal({k: got[k] for k in images}, {k: (v / v.norm()).numpy() for k, v in direct.items()})
+    assert stable_id("cat-photo") in got  # a non-numeric key: a stable 63-bit id, the key kept in `path`
+    names = {}
+    for part in (tmp_path / "out" / "images").glob("part-*.parquet"):
+        table = pq.read_table(part)
+        names.update(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
+    assert names[stable_id("cat-photo")] == "cat-photo"
+    assert texts_report["num_features"] == 8 and texts_report["num_skipped"] == 0
+    text_features = as_dict(read_features(tmp_path / "out" / "texts"))
+    assert sorted(text_features) == sorted([*images, 900, 901, stable_id("cat-photo")])
+    with torch.no_grad():
+        tokens = clip_models.tokenize([clip_models.preprocess_text("只有文字")], 52)
+        expected = model.encode_text(tokens)[0]
+    np.testing.assert_allclose(text_features[901], (expected / expected.norm()).numpy(), atol=2e-6, rtol=0)
 
 
 def test_retrieval_eval_end_to_end(ray_local, corpus, tmp_path, capsys):
@@ -404,4 +447,4 @@ def test_config_validates_user_mistakes():
         EmbedConfig(extract_image_feats=True, resume="x.pt", compile="yes")
     with pytest.raises(ValueError, match="rows_per_shard"):
         EmbedConfig(extract_image_feats=True, resume="x.pt", rows_per_shard=0)
-    assert file_id("123.jpg") == 123 and file_id("a/123.jpg") != 123 and file_id("x.png") == file_id("x.png")
+    assert stable_id("123.jpg") == 123 and stable_id("a/123.jpg") != 123 and stable_id("x.png") == stable_id("x.png")

@@ -12,8 +12,8 @@ from PIL import Image
 import clip_models
 from clip_platform import cli
 from clip_platform.batch.templates import ZH_TEMPLATES, fill, load_templates
-from clip_platform.batch.zeroshot import (ImageClassifier, ZeroShotConfig, class_embeddings, decode_images,
-                                          read_image_folder, zeroshot)
+from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig, class_embeddings, decode_images, zeroshot
+from clip_platform.data import zeroshot_images
 from helpers import load_job
 
 CLASSES = ["红色", "绿色", "蓝色"]
@@ -55,7 +55,8 @@ def test_zero_shot_json_has_the_elevater_shape_and_cn_clip_numbers(ray_local, da
 
     # The same numbers computed directly: cn_clip's classifier and softmax(100 * cosine).
     preprocess = clip_models.image_transform(model.image_size)
-    records = [r for r in read_image_folder(root / "test") if not r[0].endswith("broken.jpg")]
+    records = [(i.path, int(i.path.split("/")[-2])) for i in zeroshot_images(root / "test")[2]
+               if not i.path.endswith("broken.jpg")]
     with torch.no_grad():
         weights = class_embeddings(model, CLASSES, ZH_TEMPLATES)
         images = torch.stack([preprocess(Image.open(path)) for path, _ in records])
@@ -68,9 +69,9 @@ def test_zero_shot_json_has_the_elevater_shape_and_cn_clip_numbers(ray_local, da
 
 def test_mapper_stages_work_without_ray_and_bf16_stays_close(dataset):
     root, checkpoint, model = dataset
-    records = read_image_folder(root / "test", 3)
-    batch = {"row": np.arange(len(records)), "path": np.array([p for p, _ in records]),
-             "label": np.array([label for _, label in records])}
+    records = [(i.path, int(i.path.split("/")[-2])) for i in zeroshot_images(root / "test", 3)[2]]
+    batch = {"image_id": np.array([p for p, _ in records]), "label": np.array([label for _, label in records]),
+             "image": np.array([open(p, "rb").read() for p, _ in records], dtype=object)}
     decoded = decode_images(batch, model.image_size)
     assert decoded["ok"].tolist() == [not p.endswith("broken.jpg") for p, _ in records]
     assert "not a readable image" in decoded["error"][~decoded["ok"]][0]

@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_platform.data import (BadRecordCounter, BuildLmdbConfig, LmdbSplitWriter, SyntheticConfig, TextRecord,
+from clip_platform.data import (BuildLmdbConfig, LmdbSplitWriter, SyntheticConfig, TextRecord,
                                 b64decode_image, build_lmdb, decode_batch, iter_texts, make_synthetic, safe_loads,
                                 write_images_tsv, write_texts_jsonl)
 from clip_platform.data import lmdb_io, records
 from clip_platform.data.files import iter_lines, list_files, split_ranges
-from clip_platform.data.sources import (LinesDatasource, LmdbImagesDatasource, LmdbPairsDatasource,
-                                        TextLines)
+from clip_platform.data.indexed import PlannedPairsDatasource, open_pairs
+from clip_platform.data.sources import LinesDatasource, LmdbImagesDatasource, TextLines
 from cn_clip_ref import import_cn_clip
 
 CN_CLIP_ROOT = Path(importlib.util.find_spec("cn_clip").origin).parent if importlib.util.find_spec("cn_clip") else None
@@ -52,6 +52,12 @@ def run_tasks(tasks) -> list[dict]:
         for block in task():
             rows.extend(block.to_pylist())
     return rows
+
+
+def lmdb_pairs(split_dir, stop: int | None = None) -> list:
+    """Pairs 0..stop-1 of an LMDB split (default all), as the training reader returns them."""
+    with lmdb_io.pair_reader(split_dir) as read:
+        return [read(i) for i in range(lmdb_io.num_samples(split_dir) if stop is None else stop)]
 
 
 def source_pairs(data_dir: Path, split: str) -> list[tuple[int, int, str, bytes]]:
@@ -137,10 +143,8 @@ def test_reads_lmdb_built_by_cn_clips_own_script(dataset, tmp_path):
     script = CN_CLIP_ROOT / "preprocess" / "build_lmdb_dataset.py"
     subprocess.run([sys.executable, str(script), "--data_dir", str(dataset), "--splits", "train",
                     "--lmdb_dir", str(tmp_path)], check=True, capture_output=True)
-    source = LmdbPairsDatasource(tmp_path / "train")
-    rows = run_tasks(source.get_read_tasks(3))
-    got = sorted((r["image_id"], r["text_id"], r["text"], r["image"]) for r in rows)
-    assert got == source_pairs(dataset, "train") and source.num_samples == len(got)
+    got = sorted(lmdb_pairs(tmp_path / "train"))
+    assert got == source_pairs(dataset, "train") and len(open_pairs(tmp_path / "train")) == len(got)
     images = run_tasks(LmdbImagesDatasource(tmp_path / "train" / "imgs").get_read_tasks(2))
     assert len(images) == 40 and {r["image_id"] for r in images} == {r[0] for r in got}
 
@@ -199,8 +203,8 @@ def cn_clip_lmdb_dataset_class(monkeypatch):
 @pytest.mark.skipif(CN_CLIP_ROOT is None, reason="cn_clip (reference) is not installed")
 def test_our_lmdb_is_read_by_cn_clips_lmdbdataset(dataset, tmp_path, monkeypatch):
     (report,) = build_lmdb(BuildLmdbConfig(str(dataset), ("train",), lmdb_dir=str(tmp_path)))
-    pairs = list(lmdb_io.iter_pairs(tmp_path / "train", 0, 80, []))  # in key order, as cn_clip indexes
-    ours = decode_batch({"image": [p[3] for p in pairs], "text": [p[2] for p in pairs]},
+    pairs = lmdb_pairs(tmp_path / "train", 80)  # in key order, as cn_clip indexes
+    ours, _ = decode_batch({"image": [p[3] for p in pairs], "text": [p[2] for p in pairs]},
                         clip_models.image_transform(32), 52)
     lmdb_dataset = cn_clip_lmdb_dataset_class(monkeypatch)(str(tmp_path / "train"), split="train",
                                                              max_txt_length=52, resolution=32)
@@ -215,7 +219,7 @@ def test_our_lmdb_is_read_by_cn_clips_lmdbdataset(dataset, tmp_path, monkeypatch
 def test_tsv_to_lmdb_round_trip(dataset, tmp_path):
     (report,) = build_lmdb(BuildLmdbConfig(str(dataset), "train", lmdb_dir=str(tmp_path)))
     assert (report.num_images, report.num_samples, report.bad.num_bad) == (40, 80, 0)
-    pairs = sorted(lmdb_io.iter_pairs(tmp_path / "train", 0, report.num_samples, []))
+    pairs = sorted(lmdb_pairs(tmp_path / "train"))
     assert pairs == source_pairs(dataset, "train")
     # ... and back: TSV + JSONL written from the LMDB rebuild the same LMDB content.
     back = tmp_path / "back"
@@ -224,20 +228,23 @@ def test_tsv_to_lmdb_round_trip(dataset, tmp_path):
     write_images_tsv(back / "train_imgs.tsv", sorted(images.items()))
     write_texts_jsonl(back / "train_texts.jsonl", [TextRecord(t, text, (i,)) for i, t, text, _ in pairs])
     build_lmdb(BuildLmdbConfig(str(back), "train"))
-    assert sorted(lmdb_io.iter_pairs(back / "lmdb" / "train", 0, 80, [])) == pairs
+    assert sorted(lmdb_pairs(back / "lmdb" / "train")) == pairs
 
 
 # ------------------------------------------------------------------ sharding
 
 @pytest.mark.parametrize("num_readers", range(1, 9))
-def test_lmdb_pair_shards_cover_every_record_exactly_once(dataset, tmp_path_factory, num_readers):
+def test_lmdb_shards_cover_every_record_exactly_once(dataset, tmp_path_factory, num_readers):
     lmdb_dir = tmp_path_factory.getbasetemp() / "shard_lmdb"
     if not (lmdb_dir / "train").exists():
         build_lmdb(BuildLmdbConfig(str(dataset), "train", lmdb_dir=str(lmdb_dir)))
-    tasks = LmdbPairsDatasource(lmdb_dir / "train", min_rows_per_task=1).get_read_tasks(num_readers)
+    # Planned pair blocks: one read task each, every index once, in the blocks' order.
+    order = np.random.default_rng(num_readers).permutation(80)
+    source = PlannedPairsDatasource(open_pairs(lmdb_dir / "train"), np.array_split(order, num_readers))
+    tasks = source.get_read_tasks(1)
     assert len(tasks) == num_readers
-    keys = [(r["image_id"], r["text_id"]) for r in run_tasks(tasks)]
-    assert len(keys) == 80 and len(set(keys)) == 80
+    rows = run_tasks(tasks)
+    assert [r["index"] for r in rows] == order.tolist() and not any(r["error"] for r in rows)
     images = run_tasks(LmdbImagesDatasource(lmdb_dir / "train" / "imgs").get_read_tasks(num_readers))
     assert sorted(r["image_id"] for r in images) == list(range(1, 41))
 
@@ -274,8 +281,8 @@ def test_compressed_lines_are_one_range(tmp_path):
 def test_missing_paths_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no"):
         list_files(str(tmp_path / "nothing_*.tsv"))
-    with pytest.raises(FileNotFoundError, match="not an LMDB"):
-        LmdbPairsDatasource(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a cn_clip LMDB split"):
+        open_pairs(tmp_path)
 
 
 # --------------------------------------------------------------- bad records
@@ -317,8 +324,8 @@ def test_build_skips_counts_and_reports_bad_records(messy_dataset):
     assert bad.ids(records.DUPLICATE_ID) == [1] and sorted(bad.ids(records.MISSING_IMAGE)) == [11, 11, 12]
     assert "unreadable image: 2 (ids 2, 3)" in str(bad)
     # Every record written reads back, with the first of the repeated ids kept.
-    pairs = list(lmdb_io.iter_pairs(messy_dataset / "lmdb" / "train", 0, 2, errors := []))
-    assert not errors and [(p[0], p[1]) for p in pairs] == [(1, 10), (7, 10)]
+    pairs = lmdb_pairs(messy_dataset / "lmdb" / "train")
+    assert [(p[0], p[1]) for p in pairs] == [(1, 10), (7, 10)]
     assert clip_models.decode_image(pairs[0][3]).getpixel((5, 5))[0] > 150  # red, the first id 1
 
 
@@ -331,46 +338,37 @@ def test_lmdb_reader_skips_and_reports_hostile_and_broken_records(tmp_path):
     (split / "pairs").mkdir(parents=True)
     (split / "imgs").mkdir()
     write_raw_lmdb(split, pairs, images)
-    counter = BadRecordCounter()
-    rows = run_tasks(LmdbPairsDatasource(split, counter, min_rows_per_task=2).get_read_tasks(3))
-    assert [(r["image_id"], r["text_id"]) for r in rows] == [(1, 10), (1, 15)]
-    summary = counter.summary()
-    assert summary.counts == {records.BAD_PICKLE: 1, records.MISSING_IMAGE: 1, records.BAD_BASE64: 1,
-                              records.MISSING_RECORD: 1}
-    assert summary.ids(records.MISSING_IMAGE) == [99] and summary.ids(records.MISSING_RECORD) == [4]
+    rows = run_tasks(PlannedPairsDatasource(open_pairs(split), [np.arange(3), np.arange(3, 6)]).get_read_tasks(1))
+    assert [(r["image_id"], r["text_id"]) for r in rows if not r["error"]] == [(1, 10), (1, 15)]
+    errors = [r["error"] for r in rows]
+    kinds = ["", records.BAD_PICKLE, records.MISSING_IMAGE, records.BAD_BASE64, records.MISSING_RECORD, ""]
+    assert all(error.startswith(kind) for error, kind in zip(errors, kinds)), errors
+    assert "id=99" in errors[2] and "id=4" in errors[4]
     assert not os.path.exists("/tmp/clip_platform_pwned")
 
 
-def test_decode_batch_drops_and_reports_undecodable_images():
+def test_decode_batch_keeps_every_row_and_flags_undecodable_images():
     good = jpeg()
     batch = {"image_id": np.array([1, 2, 3, 4]), "text_id": np.array([10, 20, 30, 40]),
              "image": np.array([good, good[:40], b"", b"text"], dtype=object),
              "text": np.array(["“猫”", "狗", "鸟", "鱼"], dtype=object)}
-    counter = BadRecordCounter()
-    out = decode_batch(batch, clip_models.image_transform(16), 8, counter)
-    assert out["image"].shape == (1, 3, 16, 16) and out["image"].dtype == np.float32
-    assert out["tokens"].shape == (1, 8) and out["tokens"].dtype == np.int64
-    assert torch.equal(torch.from_numpy(out["tokens"]), clip_models.tokenize(['"猫"'], 8))
-    assert out["image_id"].tolist() == [1] and out["text_id"].tolist() == [10]
-    assert counter.summary().ids(records.BAD_IMAGE) == [2, 3, 4]
-    empty = decode_batch({k: v[1:] for k, v in batch.items()}, clip_models.image_transform(16), 8)
-    assert empty["image"].shape == (0, 3, 16, 16) and empty["tokens"].shape == (0, 8)
+    out, bad = decode_batch(batch, clip_models.image_transform(16), 8)
+    assert out["image"].shape == (4, 3, 16, 16) and out["image"].dtype == np.float32
+    assert out["tokens"].shape == (4, 8) and out["tokens"].dtype == np.int64
+    assert torch.equal(torch.from_numpy(out["tokens"][:1]), clip_models.tokenize(['"猫"'], 8))
+    assert out["valid"].tolist() == [True, False, False, False] and not out["image"][1:].any()
+    assert out["image_id"].tolist() == [1, 2, 3, 4] and out["text_id"].tolist() == [10, 20, 30, 40]
+    assert sorted(bad) == [1, 2, 3] and {r.kind for r in bad.values()} == {records.BAD_IMAGE}
+    assert [bad[i].id for i in (1, 2, 3)] == [2, 3, 4]
+    # Rows outside `todo` are left alone: their caller already knows why.
+    out, bad = decode_batch(batch, clip_models.image_transform(16), 8, todo=np.array([False, True, False, False]))
+    assert not out["valid"].any() and list(bad) == [1]
     # Plain lists work too, and bytes ending in NUL (BMP row padding) keep every byte.
     bmp = io.BytesIO()
     Image.new("RGB", (3, 3), (0, 0, 0)).save(bmp, format="BMP")
     assert bmp.getvalue().endswith(b"\x00")
-    out = decode_batch({"image": [bmp.getvalue()], "image_id": [7]}, clip_models.image_transform(4), 8, counter)
-    assert out["image"].shape == (1, 3, 4, 4) and out["image_id"].tolist() == [7]
-
-
-def test_join_check_names_missing_images_only_after_a_full_pass():
-    counter = BadRecordCounter()
-    counter.expect_images("j", "train_imgs.tsv", np.array([1, 2, 3]))
-    counter.saw_images("j", 0, 2, np.array([1]))
-    assert counter.summary().num_bad == 0 and "pending" in counter.summary().notes[0]
-    counter.saw_images("j", 1, 2, np.array([3]))
-    summary = counter.summary()
-    assert summary.counts == {records.MISSING_IMAGE: 1} and summary.ids() == [2] and not summary.notes
+    out, bad = decode_batch({"image": [bmp.getvalue()], "image_id": [7]}, clip_models.image_transform(4), 8)
+    assert out["image"].shape == (1, 3, 4, 4) and out["image_id"].tolist() == [7] and not bad
 
 
 def test_lmdb_writer_refuses_repeated_image_ids(tmp_path):
@@ -388,7 +386,7 @@ def test_failed_build_leaves_the_previous_lmdb_intact(dataset, tmp_path, monkeyp
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(build, "parse_text_line", explode)
+    monkeypatch.setattr(build, "TextLines", explode)
     with pytest.raises(RuntimeError):
         build_lmdb(BuildLmdbConfig(str(dataset), "valid", lmdb_dir=str(tmp_path)))
     assert lmdb_io.num_samples(tmp_path / "valid") == 12
@@ -404,19 +402,58 @@ def test_build_config_validation(dataset):
         build_lmdb(BuildLmdbConfig(str(dataset), "train,test"))
 
 
-def test_join_index_pairs_each_image_with_every_text_naming_it(dataset):
-    from clip_platform.data.join import PairLines, TextIndex
-    from clip_platform.data.sources import iter_line_rows
+def test_ids_beyond_int64_and_non_utf8_lines_are_named_bad_records(tmp_path):
+    big = '{"text_id": 100000000000000000000000, "text": "大", "image_ids": [1]}'
+    assert records.parse_text_line(big, "t.jsonl@0").kind == records.BAD_FIELD
+    assert records.parse_text_line('{"text_id": 1, "text": "x", "image_ids": [9223372036854775808]}').kind \
+        == records.BAD_FIELD
+    assert records.parse_image_line("99999999999999999999\tQUJD", "i.tsv@0").kind == records.BAD_ID
+    assert records.parse_id(2**63 - 1) == 2**63 - 1 and records.parse_id(-(2**63)) == -(2**63)
+    latin1 = '{"text_id": 2, "text": "café"}'.encode("latin-1")
+    bad = records.parse_text_line(latin1, "t.jsonl@40")
+    assert bad.kind == records.BAD_LINE and "not UTF-8" in bad.detail and bad.where == "t.jsonl@40"
+    # The LMDB builder skips them, so they never reach an int64 column.
+    (tmp_path / "train_imgs.tsv").write_text(f"1\t{base64.b64encode(jpeg()).decode()}\n")
+    (tmp_path / "train_texts.jsonl").write_bytes(f"{big}\n".encode() + latin1 + b"\n"
+                                                 + '{"text_id": 3, "text": "好", "image_ids": [1]}\n'.encode())
+    (report,) = build_lmdb(BuildLmdbConfig(str(tmp_path), "train"))
+    assert report.num_samples == 1 and report.bad.counts == {records.BAD_FIELD: 1, records.BAD_LINE: 1}
 
-    index = TextIndex([TextRecord(1, "甲", (5, 3)), TextRecord(2, "乙", (3,)), TextRecord(3, "丙", ())])
-    assert len(index) == 3 and index.referenced_images().tolist() == [3, 5]
-    assert index.texts_of(3) == [(1, "甲"), (2, "乙")] and index.texts_of(4) == []
-    # Streamed over the TSV in this process, the join gives exactly the declared pairs.
-    texts = iter_texts(dataset / "train_texts.jsonl")
-    fs, files = list_files(str(dataset / "train_imgs.tsv"))
-    counter = BadRecordCounter()
-    counter.expect_images("j", "train_imgs.tsv", TextIndex(texts).referenced_images())
-    parser = PairLines(TextIndex(texts), "j")
-    rows = sorted(iter_line_rows(fs, files, parser, []))
-    parser.finish(0, 1, counter)
-    assert rows == source_pairs(dataset, "train") and counter.summary().num_bad == 0
+
+def test_stable_ids_and_brace_patterns(tmp_path):
+    from clip_platform.data.files import expand_braces
+
+    assert records.stable_id("000123") == records.stable_id("123.jpg") == 123
+    assert records.stable_id("a/123.jpg") != 123 and records.stable_id("cat") == records.stable_id("cat")
+    assert 0 <= records.stable_id("cat") < 2**63
+    assert expand_braces("s/{008..011}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar", "s/011.tar"]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    _, infos = list_files(f"{tmp_path}/{{00000..00001}}.tar")
+    assert [i.base_name for i in infos] == ["00000.tar", "00001.tar"]
+    with pytest.raises(FileNotFoundError, match="00002.tar matches no"):
+        list_files(f"{tmp_path}/{{00000..00002}}.tar")
+
+
+def test_webdataset_shards_stream_by_key_and_survive_truncation(tmp_path):
+    import pyarrow.fs as pafs
+
+    from clip_platform.data.webdataset import TarIndex, iter_samples, split_name
+    from helpers import write_tar_shards
+
+    assert split_name("dir/000001.jpg") == ("dir/000001", "jpg") and split_name("k.seg.PNG") == ("k", "seg.png")
+    samples = [("000000001", jpeg(), "一"), ("000000002", None, "只有文字"), ("000000003", jpeg(), None)]
+    (path,) = write_tar_shards(tmp_path, samples, per_shard=3)
+    fs = pafs.LocalFileSystem()
+    got = list(iter_samples(fs, str(path), bad := []))
+    assert [(s.key, s.image is not None, s.text) for s in got] == [
+        ("000000001", True, "一"), ("000000002", False, "只有文字"), ("000000003", True, None)] and not bad
+    index = TarIndex.scan(fs, str(path))
+    assert index.keys == ["000000001"] and index.num_incomplete == 2
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(path.read_bytes()[:1800])
+    got = list(iter_samples(fs, str(truncated), bad := []))
+    assert [s.key for s in got] == ["000000001"][:len(got)] and len(bad) == 1
+    assert bad[0].kind == records.UNREADABLE_FILE and "cut.tar" in bad[0].where

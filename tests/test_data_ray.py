@@ -1,5 +1,6 @@
-"""The data plane through a real local Ray: readers, the decode stage, bad-record
-reports from workers, and bounded memory while streaming."""
+"""The data plane through a real local Ray: the training read path (pairs by index, in
+plan order), corpus readers of every kind (webdataset included), bad records keeping
+their slot, and bounded memory while streaming."""
 from __future__ import annotations
 
 import base64
@@ -16,10 +17,12 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_platform.data import (BadRecordLog, BuildLmdbConfig, DecodeStage, LmdbSplitWriter, SyntheticConfig,
-                                build_lmdb, count_pairs, make_synthetic, read_images, read_labels, read_pairs,
-                                read_texts, read_zeroshot, records)
+from clip_platform.data import (BuildLmdbConfig, LmdbSplitWriter, SyntheticConfig, build_lmdb, count_pairs,
+                                decode_batch, make_synthetic, open_pairs, read_images, read_labels, read_texts,
+                                read_zeroshot, records)
 from clip_platform.data import lmdb_io
+from clip_platform.train.data import SampleDecoder, stream_batches
+from helpers import write_tar_shards
 
 IMAGE_SIZE = 32
 CONTEXT = 16
@@ -59,12 +62,13 @@ def plain_loop(split_dir) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Ten
     return out
 
 
-def collect(ds) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+def collect(batches) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     out = {}
-    for batch in ds.iter_batches(batch_size=7, batch_format="numpy"):
-        for i, key in enumerate(zip(batch["image_id"].tolist(), batch["text_id"].tolist())):
+    for batch in batches:
+        assert batch["image"].dtype == np.uint8  # pixels; the model normalises them
+        for i in np.flatnonzero(batch["valid"]):
+            key = (int(batch["image_id"][i]), int(batch["text_id"][i]))
             assert key not in out, f"{key} read twice"
-            assert batch["image"].dtype == np.uint8  # pixels; the model normalises them
             out[key] = (clip_models.normalize_pixels(torch.tensor(batch["image"][i])), torch.tensor(batch["tokens"][i]))
     return out
 
@@ -76,26 +80,27 @@ def assert_same(got, expected):
         assert torch.equal(got[key][1], tokens)
 
 
-def test_ray_pipeline_yields_the_same_tensors_as_a_plain_loop(ray_local, dataset):
-    expected = plain_loop(dataset / "lmdb" / "train")
-    assert len(expected) == count_pairs(dataset / "lmdb" / "train") == count_pairs(dataset, "train") == 60
-    stage = DecodeStage(IMAGE_SIZE, CONTEXT)
-    for source, batch_size in ((read_pairs(dataset / "lmdb" / "train", override_num_blocks=5), None),  # fused
-                               (read_pairs(dataset, "train", override_num_blocks=3), 8)):  # TSV + JSONL join
-        assert_same(collect(source.map_batches(stage, batch_format="numpy", batch_size=batch_size)), expected)
-    # The class form runs in an actor pool, model-loader style.
-    actors = read_pairs(dataset / "lmdb", "train").map_batches(
-        DecodeStage, fn_constructor_kwargs={"image_size": IMAGE_SIZE, "context_length": CONTEXT},
-        batch_format="numpy", batch_size=8, concurrency=1)
-    assert_same(collect(actors), expected)
+def stream(path, indices, batch_size=8, use_augment=False):
+    """The training read path: the data plane's pair source in plan order, decoded."""
+    return list(stream_batches(open_pairs(path), SampleDecoder(IMAGE_SIZE, CONTEXT, use_augment),
+                               np.asarray(indices), batch_size, 2))
+
+
+def test_training_stream_yields_the_same_tensors_as_a_plain_loop_in_plan_order(ray_local, dataset):
+    split = dataset / "lmdb" / "train"
+    expected = plain_loop(split)
+    assert len(expected) == count_pairs(split) == 60
+    order = np.random.default_rng(0).permutation(60)
+    batches = stream(split, order)
+    assert np.concatenate([b["index"] for b in batches]).tolist() == order.tolist()  # the plan's order
+    assert all(len(b["index"]) == 8 for b in batches[:-1])
+    assert_same(collect(batches), expected)
 
 
 def test_training_augmentation_gives_model_ready_arrays(ray_local, dataset):
-    ds = read_pairs(dataset / "lmdb" / "valid").map_batches(DecodeStage(IMAGE_SIZE, CONTEXT, use_augment=True),
-                                                         batch_format="numpy", batch_size=4)
-    batch = next(iter(ds.iter_torch_batches(batch_size=10)))
-    assert batch["image"].shape == (10, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == torch.uint8
-    assert batch["tokens"].shape == (10, CONTEXT) and batch["tokens"].dtype == torch.int64
+    batch = stream(dataset / "lmdb" / "valid", range(10), batch_size=10, use_augment=True)[0]
+    assert batch["image"].shape == (10, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["image"].dtype == np.uint8
+    assert batch["tokens"].shape == (10, CONTEXT) and batch["tokens"].dtype == np.int64
 
 
 def write_messy_lmdb(split_dir):
@@ -115,36 +120,33 @@ def write_messy_lmdb(split_dir):
     env.close()
 
 
-def write_messy_tsv(data_dir):
-    good = base64.b64encode(jpeg()).decode()
-    (data_dir / "train_imgs.tsv").write_text("\n".join([
-        f"1\t{good}", f"2\t{base64.b64encode(jpeg()[:60]).decode()}", "3\t####", "garbage line", f"5\t{good}"]))
-    (data_dir / "train_texts.jsonl").write_text("\n".join([
-        '{"text_id": 10, "text": "好", "image_ids": [1, 5]}', '{"text_id": 11, "text": "坏", "image_ids": [2]}',
-        '{"text_id": 12, "text": "缺", "image_ids": [3, 88]}', "{not json}"]))
-
-
-def test_bad_records_are_skipped_and_reach_the_summary_from_workers(ray_local, tmp_path):
+def test_bad_records_keep_their_slot_and_say_why(ray_local, tmp_path):
     write_messy_lmdb(tmp_path / "lmdb" / "train")
-    bad = BadRecordLog()
-    ds = read_pairs(tmp_path / "lmdb" / "train", bad_records=bad, override_num_blocks=3)
-    rows = ds.map_batches(DecodeStage(IMAGE_SIZE, CONTEXT, bad_records=bad), batch_format="numpy").take_all()
-    assert sorted(r["text_id"] for r in rows) == [10]
-    summary = bad.summary()
-    assert summary.counts == {records.BAD_IMAGE: 2, records.BAD_BASE64: 1, records.MISSING_IMAGE: 1,
-                              records.BAD_PICKLE: 1}
-    assert sorted(summary.ids(records.BAD_IMAGE)) == [2, 3] and summary.ids(records.MISSING_IMAGE) == [77]
+    batches = stream(tmp_path / "lmdb" / "train", range(6), batch_size=6)
+    (batch,) = batches
+    assert batch["valid"].tolist() == [True, False, False, False, False, False]
+    errors = [str(e) for e in batch["error"]]
+    assert errors[0] == ""
+    kinds = [records.BAD_IMAGE, records.BAD_IMAGE, records.BAD_BASE64, records.MISSING_IMAGE, records.BAD_PICKLE]
+    for error, kind in zip(errors[1:], kinds):
+        assert error.startswith(kind), (error, kind)
+    assert "id=77" in errors[4]
 
-    write_messy_tsv(tmp_path)
-    bad = BadRecordLog()
-    ds = read_pairs(tmp_path, "train", bad_records=bad, override_num_blocks=2)
-    rows = ds.map_batches(DecodeStage(IMAGE_SIZE, CONTEXT, bad_records=bad), batch_format="numpy").take_all()
-    assert sorted((r["image_id"], r["text_id"]) for r in rows) == [(1, 10), (5, 10)]
-    summary = bad.summary()
-    assert summary.counts == {records.BAD_JSON: 1, records.BAD_LINE: 1, records.BAD_BASE64: 1,
-                              records.BAD_IMAGE: 1, records.MISSING_IMAGE: 1}, summary
-    assert summary.ids(records.MISSING_IMAGE) == [88] and summary.ids(records.BAD_IMAGE) == [2]
-    assert not summary.notes
+
+def test_webdataset_pairs_are_keyed_samples_with_both_image_and_caption(ray_local, tmp_path):
+    samples = [(f"{i:09d}", jpeg((i * 20, 40, 90)), f"第{i}张图") for i in range(7)]
+    samples[2] = ("000000002", b"not an image", "坏的")  # corrupt image: a flagged slot
+    samples[4] = ("000000004", None, "只有文字")  # caption-only: no pair at all
+    write_tar_shards(tmp_path / "shards", samples, per_shard=3)
+    pattern = f"file://{tmp_path}/shards/{{00000..00002}}.tar"  # a brace pattern on a filesystem URI
+    pairs = open_pairs(pattern)
+    assert len(pairs) == 6
+    (batch,) = stream(pattern, range(6), batch_size=6)
+    assert batch["image_id"].tolist() == batch["text_id"].tolist() == [0, 1, 2, 3, 5, 6]
+    assert batch["valid"].tolist() == [True, True, False, True, True, True]
+    assert str(batch["error"][2]).startswith(records.BAD_IMAGE)
+    expected = clip_models.tokenize([clip_models.preprocess_text("第5张图")], CONTEXT)[0].numpy()
+    assert (batch["tokens"][4] == expected).all()
 
 
 def test_image_corpora_of_every_kind_read_the_same(ray_local, dataset, tmp_path):
@@ -159,6 +161,10 @@ def test_image_corpora_of_every_kind_read_the_same(ray_local, dataset, tmp_path)
                  tmp_path / "part.parquet", f"file://{tmp_path}/*.parquet"):
         got = {r["image_id"]: r["image"] for r in read_images(path).take_all()}
         assert got == expected, path
+    write_tar_shards(tmp_path / "wds", [(f"{k:06d}", v, "文字") for k, v in expected.items()], per_shard=3)
+    from_tars = {r["image_id"]: r["image"] for r in read_images(f"{tmp_path}/wds/*.tar").take_all()}
+    assert from_tars == {f"{k:06d}": v for k, v in expected.items()}
+    assert {r["text_id"] for r in read_texts(tmp_path / "wds").take_all()} == set(from_tars)
     from_files = {r["image_id"]: r["image"] for r in read_images(folder).take_all()}
     assert from_files == {f"sub/{k}.jpg": v for k, v in expected.items()}
     # Any pyarrow filesystem: here a subtree view of the local one, as an s3:// bucket would be.
@@ -174,17 +180,16 @@ def test_texts_zeroshot_and_labels(ray_local, dataset):
     assert len(labels) == 24 and labels[0] == "红色的圆形"
     assert sorted(r["label"] for r in rows) == list(range(24))
     assert all(r["image_id"].startswith(f"{r['label']:03d}/") for r in rows)
+    transform = clip_models.image_transform(IMAGE_SIZE, pixels=True)
     decoded = read_zeroshot(dataset / "zeroshot" / "test").map_batches(
-        DecodeStage(IMAGE_SIZE, CONTEXT), batch_format="numpy").take_batch(24)
-    assert decoded["image"].shape == (24, 3, IMAGE_SIZE, IMAGE_SIZE) and set(decoded) == {"image", "image_id",
-                                                                                           "label"}
+        lambda batch: decode_batch(batch, transform, CONTEXT)[0], batch_format="numpy").take_batch(24)
+    assert decoded["image"].shape == (24, 3, IMAGE_SIZE, IMAGE_SIZE) and decoded["valid"].all()
+    assert set(decoded) == {"image", "image_id", "label", "valid"}
 
 
-def test_missing_split_is_a_clear_error(ray_local, dataset):
-    with pytest.raises(FileNotFoundError, match="no 'test' split"):
-        read_pairs(dataset, "test")
-    with pytest.raises(FileNotFoundError, match="give the split"):
-        read_pairs(dataset)
+def test_a_path_that_is_no_pair_source_is_a_clear_error(dataset):
+    with pytest.raises(FileNotFoundError, match="not a cn_clip LMDB split"):
+        open_pairs(dataset)
 
 
 def test_build_with_ray_equals_build_in_one_process(ray_local, dataset, tmp_path):
@@ -212,7 +217,7 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
                           memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True))
         return int(found.group(1)) if found else 0
 
-    image_size, num_images = 224, 4800
+    image_size, num_images, batch_size = 224, 4800, 64
     small = base64.b64encode(jpeg(size=16)).decode()
     with LmdbSplitWriter(tmp_path / "big") as writer:
         for image_id in range(num_images):
@@ -222,8 +227,9 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
     block_size, spilled_before = context.target_max_block_size, spilled_mib()
     context.target_max_block_size = 16 << 20
     try:
-        ds = read_pairs(tmp_path / "big").map_batches(DecodeStage(image_size, CONTEXT), batch_format="numpy")
-        seen = sum(len(batch["image_id"]) for batch in ds.iter_batches(batch_size=64, batch_format="numpy"))
+        batches = stream_batches(open_pairs(tmp_path / "big"), SampleDecoder(image_size, CONTEXT),
+                                 np.arange(num_images), batch_size, 2)
+        seen = sum(int(batch["valid"].sum()) for batch in batches)
     finally:
         context.target_max_block_size = block_size
     assert seen == num_images
@@ -231,11 +237,10 @@ def test_streams_a_dataset_several_times_the_object_store(ray_local, tmp_path):
     assert spilled_mib() - spilled_before < decoded_mib / 4
 
 
-def test_empty_inputs_give_empty_datasets(ray_local, tmp_path):
+def test_empty_inputs(ray_local, tmp_path):
     with LmdbSplitWriter(tmp_path / "lmdb" / "train"):
         pass
-    assert read_pairs(tmp_path / "lmdb" / "train").count() == 0
-    (tmp_path / "train_imgs.tsv").write_text("")
-    (tmp_path / "train_texts.jsonl").write_text("\n")
-    decoded = read_pairs(tmp_path, "train").map_batches(DecodeStage(IMAGE_SIZE, CONTEXT), batch_format="numpy")
-    assert decoded.count() == 0
+    assert count_pairs(tmp_path / "lmdb" / "train") == 0
+    assert stream(tmp_path / "lmdb" / "train", []) == []
+    (tmp_path / "texts.jsonl").write_text("\n")
+    assert read_texts(tmp_path / "texts.jsonl").count() == 0

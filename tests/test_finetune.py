@@ -84,6 +84,31 @@ def test_resume_mid_epoch_sees_exactly_the_uninterrupted_samples(dataset, tmp_pa
     assert "=> resumed from checkpoint" in log_text
 
 
+def test_finetune_on_webdataset_shards(dataset, tmp_path, ray_local):
+    """img2dataset's tar shards as --train-data / --val-data: each sample's image and caption
+    form a pair; a corrupt image keeps its slot and is counted, a caption-only sample is no pair."""
+    from clip_platform.data import lmdb_io
+    from helpers import write_tar_shards
+
+    with lmdb_io.pair_reader(dataset / "train") as read:
+        pairs = [read(i) for i in range(48)]
+    samples = [(f"{i:09d}", image, text) for i, (_, _, text, image) in enumerate(pairs)]
+    samples[5] = ("000000005", b"corrupt", samples[5][2])
+    samples.append(("000000999", None, "只有文字"))
+    write_tar_shards(tmp_path / "train", samples[:40], per_shard=16)
+    write_tar_shards(tmp_path / "valid", samples[40:], per_shard=16)
+    result = run_finetune(tiny(dataset, tmp_path / "logs", workers=1, max_steps=3,
+                               train_data=f"{tmp_path}/train/{{00000..00002}}.tar",
+                               val_data=str(tmp_path / "valid"), valid_batch_size=8))
+    steps = sample_log(result.run_dir)
+    assert len(steps) == 3 and all(len(v) == 16 for v in steps.values())
+    assert {i for v in steps.values() for i in v} <= set(range(40))
+    assert "valid_mean_recall" in result.final_metrics
+    assert clip_models.load(str(result.checkpoint))[0] is not None
+    log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
+    assert "bad training records skipped" in log_text and "unreadable image" in log_text  # the corrupt one
+
+
 def train_worker_pids() -> list[int]:
     """Ray Train worker processes, found by their process title."""
     import psutil

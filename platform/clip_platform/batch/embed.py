@@ -1,7 +1,8 @@
 """Corpus embedding: cn_clip's extract_features.py over the cluster, resumable.
 
 reader  -> `embed_source`: Ray Data reads the corpus (LMDB imgs dir, TSV, image
-           files, Parquet; texts JSONL) as deterministic shards, rows tagged with
+           files, Parquet, webdataset; texts JSONL or webdataset captions) through
+           the data plane's sources as deterministic shards, rows tagged with
            their shard, finished shards not read at all;
 mapper  -> `decode_rows` (CPU tasks: the data plane's decode_batch, bad records
            kept as flagged rows) then `Encoder` (actor pool, model loaded once per
@@ -33,8 +34,9 @@ import torch
 import clip_models
 from clip_models._torch_compat import inductor_freezing
 
+from .. import config as config_io
 from ..data import decode_batch
-from ..data.records import BAD_IMAGE, BadRecord
+from ..data.records import BadRecord
 from ..io import write_json
 from .embed_source import IMAGES, MARKER_ROW, TEXTS, CorpusPlan, Modality, ShardedDatasource, plan_corpus, \
     record_to_dict
@@ -196,59 +198,30 @@ def inspect_model(source: str) -> ModelInfo:
 
 # ---------------------------------------------------------------- mapper: decode (CPU tasks)
 
-class _Collect:
-    """A bad-record sink that keeps what decode_batch skipped, to turn into flagged rows."""
-
-    def __init__(self):
-        self.records: list[BadRecord] = []
-
-    def report(self, records) -> None:
-        self.records.extend(records)
-
-
 def decode_rows(batch: dict[str, np.ndarray], modality: Modality, image_size: int,
                 context_length: int) -> dict[str, np.ndarray]:
     """Read rows -> model inputs, every row kept: records that fail to decode and the
     end-of-shard markers come out with `ok` False (and the reason in `note`), so the
     writer can account for every row of a shard."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    n = len(batch["row"])
-    data = np.flatnonzero(batch["row"] != MARKER_ROW)
-    sink = _Collect()
-    inputs = {modality.id_key: batch[modality.id_key][data], modality.payload: batch[modality.payload][data],
-              "position": data}
     # Images stay uint8 pixels (a quarter of float32's bytes through the object store);
     # the encoder normalises them, with the same float32 arithmetic as cn_clip's transform.
-    decoded = decode_batch(inputs, clip_models.image_transform(image_size, pixels=True), context_length, sink,
-                           ("position",))
-    kept = decoded["position"]
-    ok = np.zeros(n, bool)
-    ok[kept] = True
+    decoded, bad = decode_batch({modality.id_key: batch[modality.id_key], modality.payload: batch[modality.payload]},
+                                clip_models.image_transform(image_size, pixels=True), context_length,
+                                (modality.id_key,), todo=batch["row"] != MARKER_ROW)
     out = {key: batch[key] for key in (modality.id_key, "path", "shard", "row")}
     out["note"] = batch["note"].astype(object)
-    out["ok"] = ok
-    dropped = np.setdiff1d(data, kept)
-    for position, record in zip(dropped, _align(sink.records, len(dropped))):
-        name = str(batch["path"][position])
-        out["note"][position] = json.dumps(record_to_dict(record if not name else
-                                                          BadRecord(record.kind, name, record.where, record.detail)))
+    out["ok"] = decoded["valid"]
+    for position, record in bad.items():
+        name = str(batch["path"][position])  # a file's or a key's name says more than its hashed id
+        named = BadRecord(record.kind, name, record.where, record.detail) if name else record
+        out["note"][position] = json.dumps(record_to_dict(named))
     if modality == IMAGES:
-        out["image"] = np.zeros((n, 3, image_size, image_size), np.uint8)
-        out["image"][kept] = decoded["image"]
+        out["image"] = decoded["image"]
     else:
-        out["tokens"] = np.zeros((n, context_length), np.int64)
-        out["tokens"][kept] = decoded["tokens"]
-        out["num_tokens"] = np.zeros(n, np.int64)
-        out["num_tokens"][kept] = decoded["num_tokens"]
+        out["tokens"] = decoded["tokens"]
+        out["num_tokens"] = decoded["num_tokens"]
     return out
-
-
-def _align(records: list[BadRecord], count: int) -> list[BadRecord]:
-    """decode_batch reports one record per dropped row, in row order; should that ever
-    change, every dropped row still gets a record."""
-    if len(records) == count:
-        return records
-    return [BadRecord(BAD_IMAGE, None, "decode", "could not be decoded")] * count
 
 
 # ---------------------------------------------------------------- mapper: encode (actor pool)
@@ -402,7 +375,7 @@ def build_dataset(plan: CorpusPlan, todo: list[int], target: Target, config: Emb
         batch_size = min(batch_size, CPU_IMAGE_BATCH)
 
     # One block stream per shard: more blocks would only be split off to reach a default parallelism.
-    ds = ray.data.read_datasource(ShardedDatasource(plan.tasks, todo, target.modality), num_cpus=STAGE_CPUS,
+    ds = ray.data.read_datasource(ShardedDatasource(plan.pieces, todo, target.modality), num_cpus=STAGE_CPUS,
                                   override_num_blocks=len(todo))
     ds = ds.map_batches(decode_rows, fn_kwargs={"modality": target.modality, "image_size": model.image_size,
                                                 "context_length": config.context_length},

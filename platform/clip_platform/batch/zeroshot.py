@@ -1,9 +1,10 @@
 """Zero-shot classification: cn_clip's zeroshot_evaluation.py on Ray Data.
 
-reader  -> `read_image_folder` lists `test/<label id>/*` images (to be replaced by
-           the data plane's reader);
-mapper  -> `decode_images` (CPU stage) then `ImageClassifier` (actor pool, model
-           loaded once per actor) turns images into class probabilities;
+reader  -> the data plane's `read_labels` and `read_zeroshot` (`test/<label id>/*`
+           images, in the order cn_clip's ImageFolder lists them);
+mapper  -> `decode_images` (CPU tasks: the data plane's decode_batch) then
+           `ImageClassifier` (actor pool, model loaded once per actor) turns images
+           into class probabilities;
 writer  -> `write_elevater_json` writes the ELEVATER-style JSON cn_clip writes.
 
 The classifier is cn_clip's: one embedding per class, the normalised mean of the
@@ -23,6 +24,8 @@ import torch
 
 import clip_models
 
+from .. import config as config_io
+from ..data import decode_batch, read_labels, read_zeroshot, zeroshot_images
 from ..io import write_lines
 from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray
@@ -30,7 +33,6 @@ from .templates import fill, load_templates
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 LOGIT_SCALE = 100.0  # cn_clip's fixed scale for zero-shot probabilities (not the model's learnt one)
 TEXT_BATCH = 256  # prompts encoded per forward pass
 
@@ -80,55 +82,6 @@ class ZeroShotResult:
 
 # ---------------------------------------------------------------- reader
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line; blank lines at the end are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file {path} does not exist")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    while names and not names[-1]:
-        names.pop()
-    if not names:
-        raise ValueError(f"label file {path} holds no class names")
-    for number, name in enumerate(names, 1):
-        if not name:
-            raise ValueError(f"{path} line {number} is blank: every label id needs a class name")
-    return names
-
-
-def read_image_folder(path: str | os.PathLike, num_classes: int | None = None) -> list[tuple[str, int]]:
-    """(image path, label) for `path/<label id>/**/<image>`, ordered by label, then
-    path as torchvision's ImageFolder walks them. The folder name is the label id,
-    so a class without test images does not shift the others."""
-    root = Path(path)
-    if not root.is_dir():
-        raise NotADirectoryError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.name)
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected {root}/<label id>/<images>)")
-    labels = {class_dir: _label_of(class_dir, num_classes) for class_dir in classes}
-    if len(set(labels.values())) < len(labels):
-        raise ValueError(f"{root} has two class folders for one label id (e.g. 1 and 001)")
-    records = []
-    for class_dir in sorted(classes, key=labels.get):
-        label = labels[class_dir]
-        for folder, _, files in sorted(os.walk(class_dir, followlinks=True)):
-            records.extend((os.path.join(folder, f), label) for f in sorted(files)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not records:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return records
-
-
-def _label_of(class_dir: Path, num_classes: int | None) -> int:
-    if not class_dir.name.isdigit():
-        raise ValueError(f"class folder {class_dir} is not named by a label id (e.g. 000, 001, ...)")
-    label = int(class_dir.name)
-    if num_classes is not None and label >= num_classes:
-        raise ValueError(f"class folder {class_dir} is label {label}, but the label file has {num_classes} classes")
-    return label
-
-
 # ---------------------------------------------------------------- classifier
 
 def model_source(config: ZeroShotConfig) -> str:
@@ -154,21 +107,14 @@ def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: 
 # ---------------------------------------------------------------- mapper
 
 def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """CPU stage: image files -> normalised [B, 3, S, S] arrays; unreadable files are
+    """CPU stage: image bytes -> normalised [B, 3, S, S] arrays; undecodable ones are
     flagged (`ok` False, `error` set), not fatal."""
-    transform = clip_models.image_transform(image_size)
-    images = np.zeros((len(batch["path"]), 3, image_size, image_size), np.float32)
-    ok = np.zeros(len(batch["path"]), bool)
-    errors = []
-    for i, path in enumerate(batch["path"]):
-        try:
-            images[i] = transform(clip_models.decode_image(Path(path).read_bytes())).numpy()
-            ok[i] = True
-            errors.append("")
-        except (OSError, ValueError) as exc:
-            errors.append(str(exc))
-    return {"row": batch["row"], "label": batch["label"], "path": batch["path"], "image": images, "ok": ok,
-            "error": np.array(errors, dtype=object)}
+    decoded, bad = decode_batch({"image": batch["image"]}, clip_models.image_transform(image_size))
+    errors = np.full(len(decoded["valid"]), "", dtype=object)
+    for row, record in bad.items():
+        errors[row] = record.detail
+    return {"path": batch["image_id"], "label": batch["label"], "image": decoded["image"], "ok": decoded["valid"],
+            "error": errors}
 
 
 class ImageClassifier:
@@ -189,33 +135,36 @@ class ImageClassifier:
             with torch.no_grad(), autocast(self.precision, self.device), self.linears:
                 features = self.model.encode_image(images)
             probs[ok] = image_probabilities(features.float(), self.classifier).cpu().numpy()
-        return {"row": batch["row"], "label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok,
-                "error": batch["error"]}
+        return {"label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok, "error": batch["error"]}
 
 
 def image_probabilities(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     return (LOGIT_SCALE * clip_models.normalize_features(image_features) @ classifier).softmax(dim=-1)
 
 
-def classify_images(records: list[tuple[str, int]], source: str, classifier: np.ndarray, image_size: int,
+def classify_images(datapath: str, num_classes: int, source: str, classifier: np.ndarray, image_size: int,
                     config: ZeroShotConfig) -> dict[str, np.ndarray]:
-    """Probabilities [N, C] (input order) for the readable images, with their labels and the skipped paths."""
+    """Probabilities [N, C] in ImageFolder order for the images of `datapath`, with their
+    labels, paths (relative to the test folder) and whether they could be read."""
     import ray
 
     ensure_ray()
-    items = [{"row": i, "path": path, "label": label} for i, (path, label) in enumerate(records)]
-    num_blocks = max(1, min(len(items) // config.img_batch_size, 4 * config.num_workers * config.concurrency))
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    _, root, infos = zeroshot_images(datapath, num_classes)
+    num_blocks = max(1, min(len(infos) // config.img_batch_size, 4 * config.num_workers * config.concurrency))
+    ds = read_zeroshot(datapath, num_classes=num_classes, override_num_blocks=num_blocks,
+                       concurrency=config.num_workers)
     ds = ds.map_batches(decode_images, fn_kwargs={"image_size": image_size}, batch_size=config.img_batch_size,
                         batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=config.num_workers))
     ds = ds.map_batches(ImageClassifier, fn_constructor_args=(source, classifier, config.precision),
                         batch_size=config.img_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                         num_gpus=config.num_gpus or None, num_cpus=0 if config.num_gpus else 1)
-    parts = list(ds.select_columns(["row", "label", "path", "probs", "ok", "error"])
+    parts = list(ds.select_columns(["label", "path", "probs", "ok", "error"])
                  .iter_batches(batch_size=None, batch_format="numpy"))
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    order = np.argsort(merged["row"], kind="stable")
+    # Tasks finish in any order: put the rows back in the folder's order, as cn_clip reports them.
+    position = {info.path[len(root) + 1:]: i for i, info in enumerate(infos)}
+    order = np.argsort([position.get(str(p), -1) for p in merged["path"]], kind="stable")
     return {key: value[order] for key, value in merged.items()}
 
 
@@ -271,17 +220,17 @@ def write_elevater_json(path: str | os.PathLike, payload: dict) -> Path:
 
 def zeroshot(config: ZeroShotConfig) -> ZeroShotResult:
     classnames = read_labels(config.label_file)
-    records = read_image_folder(config.datapath, len(classnames))
+    _, _, images = zeroshot_images(config.datapath, len(classnames))  # checks the folder before any work
     templates = load_templates(config.templates)
-    index = read_index(config.index, len(records)) if config.index else None
+    index = read_index(config.index, len(images)) if config.index else None
     source = model_source(config)
     model, _ = clip_models.load(source, device="cuda" if torch.cuda.is_available() else "cpu")
     model_name = config.vision_model or model.config.struct_name().split("@")[0]
-    log.info("zero-shot %s: %d images, %d classes, %d templates, model %s", config.dataset, len(records),
+    log.info("zero-shot %s: %d images, %d classes, %d templates, model %s", config.dataset, len(images),
              len(classnames), len(templates), model_name)
     classifier = class_embeddings(model, classnames, templates, config.context_length).cpu().numpy()
 
-    result = classify_images(records, source, classifier, model.image_size, config)
+    result = classify_images(config.datapath, len(classnames), source, classifier, model.image_size, config)
     ok = result["ok"].astype(bool)
     skipped = tuple(str(p) for p in result["path"][~ok])
     for path, error in zip(result["path"][~ok], result["error"][~ok]):

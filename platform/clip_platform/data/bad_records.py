@@ -1,11 +1,10 @@
-"""Counting and reporting skipped records across Ray workers.
+"""Counting and reporting skipped records.
 
-Readers and stages skip a bad record and hand a `BadRecord` to a sink: a
-`BadRecordCounter` in-process (plain loops, tests), or a `BadRecordLog`, a
-handle on one small Ray actor that every read task and `map_batches` worker
-reports to, so the job's summary sees the records skipped anywhere in the
-cluster. Counts are exact; only the first `max_examples` records of each kind
-are kept, so memory stays bounded whatever the data.
+Readers skip a bad record and hand a `BadRecord` to a sink: a `BadRecordCounter`
+(the LMDB builder, the embed job's summaries), a list of one shard's records (the
+embed job's reader), or none, which logs them on the worker. Counts are exact; only
+the first `max_examples` records of each kind are kept, so memory stays bounded
+whatever the data.
 """
 from __future__ import annotations
 
@@ -15,9 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
-from .records import MISSING_IMAGE, BadRecord
+from .records import BadRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +62,13 @@ class BadRecordSummary:
         return "; ".join([text, *self.notes])
 
 
-class _JoinCheck:
-    """Which referenced image ids a streamed join has seen, to name the missing
-    ones once every read task of some planning of the read has finished."""
-
-    def __init__(self, where: str, referenced: np.ndarray):
-        self.where = where
-        self.referenced = np.unique(referenced)
-        self.seen = np.empty(0, dtype=np.int64)
-        self.done: dict[int, set[int]] = defaultdict(set)  # num_tasks -> finished task indices
-
-    def add(self, task_index: int, num_tasks: int, seen: np.ndarray) -> None:
-        self.seen = np.union1d(self.seen, seen)
-        self.done[num_tasks].add(task_index)
-
-    @property
-    def complete(self) -> bool:
-        return any(len(tasks) == n for n, tasks in self.done.items())
-
-    def missing(self) -> np.ndarray:
-        return np.setdiff1d(self.referenced, self.seen)
-
-
 class BadRecordCounter:
-    """In-process sink; also the state of the `BadRecordLog` actor."""
+    """In-process sink: counts by kind and the first records of each kind."""
 
     def __init__(self, max_examples: int = 100):
         self.max_examples = max_examples
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[BadRecord]] = defaultdict(list)
-        self.joins: dict[str, _JoinCheck] = {}
 
     def report(self, records: Iterable[BadRecord]) -> None:
         for record in records:
@@ -103,70 +77,8 @@ class BadRecordCounter:
             if len(kept) < self.max_examples:
                 kept.append(record)
 
-    def expect_images(self, name: str, where: str, referenced: np.ndarray) -> None:
-        """Register the image ids a join's texts reference (idempotent per name)."""
-        if name not in self.joins:
-            self.joins[name] = _JoinCheck(where, np.asarray(referenced, dtype=np.int64))
-
-    def saw_images(self, name: str, task_index: int, num_tasks: int, seen: np.ndarray) -> None:
-        if name in self.joins:
-            self.joins[name].add(task_index, num_tasks, np.asarray(seen, dtype=np.int64))
-
     def summary(self) -> BadRecordSummary:
-        counts, examples = Counter(self.counts), {k: list(v) for k, v in self.examples.items()}
-        notes = []
-        for check in self.joins.values():
-            if not check.complete:
-                # Until every image line was read, an unseen id may still come.
-                notes.append(f"missing-image check for {check.where} pending: the images were not read to the end")
-                continue
-            missing = check.missing()
-            if len(missing):
-                counts[MISSING_IMAGE] += len(missing)
-                kept = examples.setdefault(MISSING_IMAGE, [])
-                for image_id in missing[: max(0, self.max_examples - len(kept))]:
-                    kept.append(BadRecord(MISSING_IMAGE, int(image_id), check.where,
-                                          "referenced by texts, absent from the images"))
-        return BadRecordSummary(dict(counts), examples, notes)
-
-
-class BadRecordLog:
-    """A `BadRecordCounter` in a Ray actor (0 CPUs), shared by every worker.
-
-        bad = BadRecordLog()
-        ds = read_pairs(path, bad_records=bad).map_batches(DecodeStage(224, bad_records=bad))
-        ...consume ds...
-        print(bad.summary())
-
-    Reports block until recorded, so a summary taken after the data was
-    consumed includes every skipped record."""
-
-    def __init__(self, max_examples: int = 100):
-        import ray
-
-        self._actor = ray.remote(num_cpus=0)(BadRecordCounter).remote(max_examples)
-
-    def report(self, records: Iterable[BadRecord]) -> None:
-        records = list(records)
-        if records:
-            import ray
-
-            ray.get(self._actor.report.remote(records))
-
-    def expect_images(self, name: str, where: str, referenced: np.ndarray) -> None:
-        import ray
-
-        ray.get(self._actor.expect_images.remote(name, where, referenced))
-
-    def saw_images(self, name: str, task_index: int, num_tasks: int, seen: np.ndarray) -> None:
-        import ray
-
-        ray.get(self._actor.saw_images.remote(name, task_index, num_tasks, seen))
-
-    def summary(self) -> BadRecordSummary:
-        import ray
-
-        return ray.get(self._actor.summary.remote())
+        return BadRecordSummary(dict(self.counts), {k: list(v) for k, v in self.examples.items()})
 
 
 def report(sink: BadRecordSink | None, records: list[BadRecord]) -> None:

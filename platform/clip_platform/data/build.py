@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -29,10 +29,9 @@ import clip_models
 from .bad_records import BadRecordCounter, BadRecordSummary
 from .files import list_files
 from .lmdb_io import LmdbSplitWriter
-from .readers import split_files
 from .records import (BAD_BASE64, BAD_IMAGE, DUPLICATE_ID, MISSING_IMAGE, BadRecord, b64decode_image,
-                      parse_image_line, parse_text_line)
-from .sources import LinesDatasource, iter_line_rows
+                      parse_image_line)
+from .sources import LinesDatasource, TextLines, iter_line_rows
 
 log = logging.getLogger(__name__)
 PARALLEL_MODES = ("auto", "ray", "local")
@@ -41,9 +40,9 @@ PARALLEL_MODES = ("auto", "ray", "local")
 @dataclass(frozen=True)
 class BuildLmdbConfig:
     data_dir: str                      # holds {split}_imgs.tsv and {split}_texts.jsonl
-    splits: tuple[str, ...]            # e.g. ("train", "valid", "test"); a "train,valid" string is split
+    splits: str | tuple[str, ...]      # splits to build, comma separated (train,valid,test); a tuple once built
     lmdb_dir: str | None = None        # output root, {lmdb_dir}/{split}/{imgs,pairs}; default {data_dir}/lmdb
-    parallel: str = "auto"             # "ray", "local", or "auto": Ray when a split's TSV has >= ray_min_bytes
+    parallel: Literal[PARALLEL_MODES] = "auto"  # ray, local, or auto: Ray when a split's TSV has >= ray_min_bytes
     ray_min_bytes: int = 256 << 20     # below this, starting Ray costs more than it saves
 
     def __post_init__(self):
@@ -96,9 +95,6 @@ class CheckedImageLines:
             return [(None, b"", where, f"{parsed.kind}\t{parsed.detail}")]
         image_id, b64 = parsed
         return [(image_id, b64.encode("ascii", "replace"), where, _image_error(b64))]
-
-    def finish(self, task_index: int, num_tasks: int, sink: Any) -> None:
-        pass
 
 
 def _image_error(b64: str) -> str:
@@ -155,20 +151,22 @@ def _write_images(writer: LmdbSplitWriter, tsv: str, use_ray: bool,
 def _write_pairs(writer: LmdbSplitWriter, jsonl: str, tsv_name: str, stored: set[int], rejected: dict[int, str],
                  bad: BadRecordCounter) -> None:
     """One pair per (text, stored image it names), in file order, as cn_clip numbers them."""
-    name = Path(jsonl).name
-    with open(jsonl, "rb") as lines:
-        for number, line in enumerate(lines, 1):
-            record = parse_text_line(line, f"{name}:{number}")
-            if isinstance(record, BadRecord):
-                bad.report([record])
+    fs, files = list_files(jsonl)
+    skipped: list[BadRecord] = []
+    for text_id, text, image_ids in iter_line_rows(fs, files, TextLines(require_image_ids=True), skipped):
+        for image_id in image_ids:
+            if image_id in stored:
+                writer.add_pair(image_id, text_id, text)
                 continue
-            for image_id in record.image_ids if record else ():
-                if image_id in stored:
-                    writer.add_pair(image_id, record.text_id, record.text)
-                    continue
-                why = f"was {rejected[image_id]}" if image_id in rejected else f"is not in {tsv_name}"
-                bad.report([BadRecord(MISSING_IMAGE, record.text_id, f"{name}:{number}",
-                                      f"pair skipped: image {image_id} {why}")])
+            why = f"was {rejected[image_id]}" if image_id in rejected else f"is not in {tsv_name}"
+            skipped.append(BadRecord(MISSING_IMAGE, text_id, Path(jsonl).name, f"pair skipped: image {image_id} {why}"))
+    bad.report(skipped)
+
+
+def split_files(data_dir: str | os.PathLike, split: str) -> tuple[str, str]:
+    """cn_clip's file names for a split: ({split}_imgs.tsv, {split}_texts.jsonl) under data_dir."""
+    base = os.fspath(data_dir).rstrip("/")
+    return f"{base}/{split}_imgs.tsv", f"{base}/{split}_texts.jsonl"
 
 
 def build_split(config: BuildLmdbConfig, split: str) -> SplitReport:

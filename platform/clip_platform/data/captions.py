@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import BadRecord
+from .records import BAD_FIELD, BadRecord
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def read_caption_json(json_path: str | Path, image_root: str | Path | None = Non
         if isinstance(captions, str):
             captions = [captions]
         if not isinstance(image, str) or not isinstance(captions, list):
-            bad.append(BadRecord("bad_entry", position, where, "expected {'image': path, 'caption': [str, ...]}"))
+            bad.append(BadRecord(BAD_FIELD, position, where, "expected {'image': path, 'caption': [str, ...]}"))
             continue
         image_id = len(images)
         images.append(root / image)
@@ -54,7 +54,7 @@ def read_caption_json(json_path: str | Path, image_root: str | Path | None = Non
             if isinstance(caption, str) and caption.strip():
                 pairs.append(CaptionPair(image_id, len(pairs), caption, root / image))
             else:
-                bad.append(BadRecord("bad_caption", image_id, where, f"caption {caption!r} is not a non-empty string"))
+                bad.append(BadRecord(BAD_FIELD, image_id, where, f"caption {caption!r} is not a non-empty string"))
     return CaptionDataset(images, pairs, bad)
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
 _GLOB_CHARS = "*?["
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+MAX_BRACE_PATHS = 1_000_000  # a typo such as {0..9999999999} must not exhaust memory
 # Compressed streams cannot be entered in the middle: one range per file.
-_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4", ".br")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4", ".br")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,34 @@ def resolve_filesystem(path: str | os.PathLike,
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def expand_braces(path: str) -> list[str]:
+    """Shell-style brace patterns, as webdataset and img2dataset write shard lists:
+    `shards/{00000..00003}.tar` (zero padding kept), `{a,b}.tar`, several per path."""
+    match = _BRACE.search(path)
+    if match is None:
+        return [path]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        first, last = numeric.groups()
+        lo, hi = int(first), int(last)
+        width = len(first) if first.lstrip("-").startswith("0") and len(first) > 1 else 0
+        step = 1 if hi >= lo else -1
+        if abs(hi - lo) + 1 > MAX_BRACE_PATHS:
+            raise ValueError(f"{path}: the range {{{body}}} names over {MAX_BRACE_PATHS} paths")
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:  # a literal brace, e.g. in a file name
+        return [path[:match.end()] + rest for rest in expand_braces(path[match.end():])] \
+            if _BRACE.search(path[match.end():]) else [path]
+    head, tail = path[:match.start()], path[match.end():]
+    expanded = [head + option + rest for option in options for rest in expand_braces(tail)]
+    if len(expanded) > MAX_BRACE_PATHS:
+        raise ValueError(f"{path} names over {MAX_BRACE_PATHS} paths")
+    return expanded
+
+
 def _has_glob(path: str) -> bool:
     return any(c in path for c in _GLOB_CHARS)
 
@@ -55,11 +87,13 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[pafs.FileInfo]:
 
 def list_files(paths: str | os.PathLike | Sequence[str | os.PathLike], filesystem: pafs.FileSystem | None = None,
                suffixes: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    """Expand files, directories (recursively, keeping `suffixes`) and globs, sorted
-    and without duplicates. All paths must be on one filesystem. Raises
-    FileNotFoundError naming the first path that matches nothing."""
+    """Expand files, directories (recursively, keeping `suffixes`), globs and brace
+    patterns (`shards/{00000..01023}.tar`), sorted and without duplicates. All paths
+    must be on one filesystem. Raises FileNotFoundError naming the first path that
+    matches nothing."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    paths = [expanded for raw in paths for expanded in expand_braces(os.fspath(raw))]
     if not paths:
         raise FileNotFoundError("no input paths given")
     fs = None
@@ -94,7 +128,7 @@ def split_ranges(files: Sequence[pafs.FileInfo], num_ranges: int, min_bytes: int
     ranges = []
     for info in files:
         size = info.size or 0
-        if info.path.lower().endswith(_COMPRESSED):
+        if info.path.lower().endswith(COMPRESSED_SUFFIXES):
             ranges.append(FileRange(info.path, 0, size, compressed=True))
             continue
         starts = range(0, max(size, 1), target)

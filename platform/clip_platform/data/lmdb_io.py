@@ -1,4 +1,4 @@
-"""cn_clip's LMDB layout, read and written exactly (DESIGN §4).
+"""cn_clip's LMDB layout, read and written exactly.
 
     {split_dir}/imgs   key str(image_id) -> base64 image bytes, plus b"num_images"
     {split_dir}/pairs  key str(i), i in 0..num_samples-1 -> pickle((image_id, text_id, text)),
@@ -14,7 +14,7 @@ import io
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,34 +140,33 @@ def num_images(imgs_dir: str | os.PathLike) -> int:
         return read_count(env, NUM_IMAGES_KEY)
 
 
-def iter_pairs(split_dir: str | os.PathLike, start: int, stop: int,
-               bad: list[BadRecord]) -> Iterator[tuple[int, int, str, bytes]]:
-    """(image_id, text_id, text, image bytes) for pair keys start..stop-1.
-    Bad pairs are appended to `bad` and skipped."""
+@contextmanager
+def pair_reader(split_dir: str | os.PathLike) -> Iterator[Callable[[int], tuple[int, int, str, bytes] | BadRecord]]:
+    """Random access to a split's pairs: `read(i)` -> (image_id, text_id, text, image bytes)
+    for pair key i, or the BadRecord saying why there is none (both LMDBs stay open while
+    the context lasts)."""
     split_dir = Path(split_dir)
     with open_env(split_dir / "pairs") as env_pairs, open_env(split_dir / "imgs") as env_imgs, \
             env_pairs.begin(buffers=True) as txn_pairs, env_imgs.begin(buffers=True) as txn_imgs:
-        for index in range(start, stop):
+
+        def read(index: int) -> tuple[int, int, str, bytes] | BadRecord:
             where = f"{split_dir}/pairs[{index}]"
             raw = txn_pairs.get(str(index).encode())
             if raw is None:
-                bad.append(BadRecord(MISSING_RECORD, index, where, "pair key absent, though below num_samples"))
-                continue
+                return BadRecord(MISSING_RECORD, index, where, "pair key absent, though below num_samples")
             pair = parse_pair(bytes(raw), where)
             if isinstance(pair, BadRecord):
-                bad.append(pair)
-                continue
+                return pair
             image_id, text_id, text = pair
             b64 = txn_imgs.get(str(image_id).encode())
             if b64 is None:
-                bad.append(BadRecord(MISSING_IMAGE, image_id, where, f"text {text_id} pairs with an absent image"))
-                continue
+                return BadRecord(MISSING_IMAGE, image_id, where, f"text {text_id} pairs with an absent image")
             try:
-                image = b64decode_image(bytes(b64))
+                return image_id, text_id, text, b64decode_image(bytes(b64))
             except ValueError as exc:
-                bad.append(BadRecord(BAD_BASE64, image_id, f"{split_dir}/imgs[{image_id}]", str(exc)))
-                continue
-            yield image_id, text_id, text, image
+                return BadRecord(BAD_BASE64, image_id, f"{split_dir}/imgs[{image_id}]", str(exc))
+
+        yield read
 
 
 def image_key_bounds(imgs_dir: str | os.PathLike, num_ranges: int) -> list[tuple[bytes | None, bytes | None]]:

@@ -1,14 +1,19 @@
-"""Public readers: paths in, streaming `ray.data.Dataset`s out.
+"""Public readers: paths in, datasources and streaming `ray.data.Dataset`s out.
 
-Local paths, globs and pyarrow filesystem URIs (s3://, gs://, hdfs://) are
-accepted for TSV, JSONL, Parquet and image files. LMDB is a local-file format:
-its directory must be at the same path on every node that reads it (a shared
+`image_source(path)` and `text_source(path)` say what a corpus path names and give the
+`PieceDatasource` that reads it: the embed job runs its pieces as resumable shards, and
+`read_images` / `read_texts` hand it to Ray Data. Zero-shot folders are listed by
+`zeroshot_images` (the order torchvision's ImageFolder, cn_clip's reader, gives) and read
+by `read_zeroshot`. Training reads pairs by index instead (`indexed.open_pairs`).
+
+Local paths, globs, brace patterns and pyarrow filesystem URIs (s3://, gs://, hdfs://)
+are accepted for TSV, JSONL, Parquet, webdataset and image files. LMDB is a local-file
+format: its directory must be at the same path on every node that reads it (a shared
 filesystem, or a copy per node).
 """
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,12 +21,12 @@ from typing import Any, NamedTuple
 import pyarrow.fs as pafs
 
 from . import lmdb_io
-from .bad_records import BadRecordSink, report
+from .bad_records import BadRecordSink
 from .files import list_files, resolve_filesystem
-from .join import PairLines, TextIndex
 from .records import BadRecord, TextRecord
-from .sources import (ImageFilesDatasource, ImageLines, LinesDatasource, LmdbImagesDatasource, LmdbPairsDatasource,
-                      TextLines, iter_line_rows)
+from .sources import (ImageFilesDatasource, ImageLines, LinesDatasource, LmdbImagesDatasource,
+                      ParquetImagesDatasource, PieceDatasource, TextLines, WebDatasetDatasource, iter_line_rows)
+from .webdataset import TAR_SUFFIXES
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
@@ -30,6 +35,8 @@ TSV_SUFFIXES = (".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.zst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
 LABEL_FILE = "label_cn.txt"
+KINDS = (("tsv", TSV_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("webdataset", TAR_SUFFIXES),
+         ("files", IMAGE_SUFFIXES), ("jsonl", JSONL_SUFFIXES))
 
 
 def _is_local(path: PathLike) -> bool:
@@ -47,163 +54,86 @@ def _read(datasource: Any, read_args: dict[str, Any]):
     return ray.data.read_datasource(datasource, **read_args)
 
 
-# ------------------------------------------------------------------- pairs
-
-def split_files(data_path: PathLike, split: str) -> tuple[str, str]:
-    """cn_clip's file names for a split: ({split}_imgs.tsv, {split}_texts.jsonl) under data_path."""
-    base = os.fspath(data_path).rstrip("/")
-    return f"{base}/{split}_imgs.tsv", f"{base}/{split}_texts.jsonl"
-
-
-def _lmdb_split_dir(data_path: PathLike, split: str | None) -> Path | None:
-    """The LMDB split directory data_path names, if any: the split dir itself,
-    an lmdb root holding {split}/, or a dataset dir holding lmdb/{split}/."""
-    if not _is_local(data_path):
-        return None
-    path = _local(data_path)
-    candidates = [path] + ([path / split, path / "lmdb" / split] if split else [])
-    return next((c for c in candidates if lmdb_io.is_split_dir(c)), None)
-
-
-def read_pairs(data_path: PathLike, split: str | None = None, *, bad_records: BadRecordSink | None = None,
-               filesystem: pafs.FileSystem | None = None, **read_args: Any):
-    """Image-text training pairs as a Dataset with rows
-    `image_id` int64, `text_id` int64, `text` str (raw, as stored), `image` bytes (encoded image).
-
-    `data_path` is a cn_clip LMDB split dir (`.../lmdb/train`, holding pairs/ and imgs/),
-    or, with `split`, an LMDB root (`.../lmdb`), or a dataset dir holding
-    `{split}_imgs.tsv` + `{split}_texts.jsonl` (local or a URI). When a dataset dir
-    holds both, the TSV + JSONL files are used. `read_args` go to
-    `ray.data.read_datasource` (e.g. `override_num_blocks`, `concurrency`)."""
-    if split is not None and (filesystem is not None or not _is_local(data_path)):
-        return read_pairs_tsv(*split_files(data_path, split), bad_records=bad_records, filesystem=filesystem,
-                              **read_args)
-    if split is not None:
-        images, texts = split_files(_local(data_path), split)
-        if Path(images).is_file() and Path(texts).is_file():
-            return read_pairs_tsv(images, texts, bad_records=bad_records, filesystem=filesystem, **read_args)
-    split_dir = _lmdb_split_dir(data_path, split)
-    if split_dir is not None:
-        return _read(LmdbPairsDatasource(split_dir, bad_records), read_args)
-    if split is None:
-        raise FileNotFoundError(f"{data_path} is not an LMDB split directory (with pairs/ and imgs/); "
-                                "for a TSV + JSONL dataset directory, give the split")
-    raise FileNotFoundError(f"no {split!r} split in {data_path}: expected {split}_imgs.tsv and {split}_texts.jsonl, "
-                            f"or an LMDB directory {split}/ or lmdb/{split}/ with pairs/ and imgs/")
-
-
-def read_pairs_tsv(images: Paths, texts: Paths, *, bad_records: BadRecordSink | None = None,
-                   filesystem: pafs.FileSystem | None = None, **read_args: Any):
-    """Pairs (rows as `read_pairs`) joined from image TSV files and text JSONL files
-    (paths, directories, globs or URIs).
-
-    The texts are read here, on the driver, into an index shared with every read
-    task; the images stream in byte ranges, one row per (image, text that names
-    it). With a `BadRecordLog`, images the texts name but the TSV lacks are
-    reported once the images have been read to the end."""
-    import ray
-
-    text_fs, text_files = list_files(texts, filesystem, JSONL_SUFFIXES)
-    bad: list[BadRecord] = []
-    rows = iter_line_rows(text_fs, text_files, TextLines(require_image_ids=True), bad)
-    index = TextIndex(TextRecord(text_id, text, image_ids) for text_id, text, image_ids in rows)
-    report(bad_records, bad)
-    image_fs, image_files = list_files(images, filesystem, TSV_SUFFIXES)
-    join_name = uuid.uuid4().hex
-    if bad_records is not None and hasattr(bad_records, "expect_images"):
-        where = ", ".join(f.base_name for f in image_files[:3]) + (", ..." if len(image_files) > 3 else "")
-        bad_records.expect_images(join_name, where, index.referenced_images())
-    parser = PairLines(ray.put(index), join_name)
-    return _read(LinesDatasource(image_fs, image_files, parser, bad_records), read_args)
-
-
-def count_pairs(data_path: PathLike, split: str | None = None, filesystem: pafs.FileSystem | None = None) -> int:
-    """Pairs the dataset declares (LMDB `num_samples`, or image_ids summed over the
-    valid JSONL lines), without reading images. Bad records can make the stream shorter."""
-    if split is not None:
-        _, texts = split_files(data_path, split)
-        if filesystem is not None or not _is_local(data_path) or _local(texts).is_file():
-            fs, files = list_files(texts, filesystem, JSONL_SUFFIXES)
-            return sum(len(row[2]) for row in iter_line_rows(fs, files, TextLines(require_image_ids=True), []))
-    split_dir = _lmdb_split_dir(data_path, split)
-    if split_dir is None:
-        raise FileNotFoundError(f"no pairs found at {data_path}" + (f" for split {split!r}" if split else ""))
-    return lmdb_io.num_samples(split_dir)
-
-
-# ------------------------------------------------------------------ images
-
 def _kind_of(path: str) -> str | None:
     lower = path.lower()
-    for kind, suffixes in (("tsv", TSV_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("files", IMAGE_SUFFIXES)):
-        if lower.endswith(suffixes):
-            return kind
-    return None
+    return next((kind for kind, suffixes in KINDS if lower.endswith(suffixes)), None)
 
 
-class ImageSource(NamedTuple):
-    """An image corpus as `image_datasource` found it."""
+class Source(NamedTuple):
+    """A corpus as `image_source` / `text_source` found it."""
 
-    kind: str  # "lmdb", "tsv", "parquet" or "files"
-    datasource: Any  # the Ray Data datasource reading it; None for Parquet, which callers read their own way
+    kind: str  # "lmdb", "tsv", "parquet", "webdataset", "files" or "jsonl"
+    datasource: PieceDatasource
     filesystem: pafs.FileSystem | None  # of `files` (None for LMDB, a local directory)
-    files: list[pafs.FileInfo]  # the TSV, Parquet or image files; [] for LMDB
+    files: list[pafs.FileInfo]  # the files read; [] for LMDB
 
 
-def image_datasource(path: Paths, *, bad_records: BadRecordSink | None = None,
-                     filesystem: pafs.FileSystem | None = None, min_split_bytes: int | None = None) -> ImageSource:
-    """What an image corpus path names, and the datasource that reads it: an LMDB image dir
+def _files_of_one_kind(path: Paths, filesystem: pafs.FileSystem | None,
+                       kinds: tuple[str, ...]) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str]:
+    suffixes = tuple(s for kind, group in KINDS if kind in kinds for s in group)
+    fs, infos = list_files(path, filesystem, suffixes)
+    found = {_kind_of(info.path) for info in infos}
+    if len(found) != 1 or not found <= set(kinds):
+        raise ValueError(f"{path} holds {', '.join(sorted(k or 'unknown' for k in found))} files; "
+                         f"give one kind of {', '.join(kinds)} at a time")
+    return fs, infos, found.pop()
+
+
+def image_source(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
+                 min_split_bytes: int | None = None, id_column: str = "id", image_column: str = "image") -> Source:
+    """What an image corpus path names, and the datasource reading it: an LMDB image dir
     (`.../lmdb/valid/imgs`, or the split dir), `*_imgs.tsv` files (byte ranges of at least
-    `min_split_bytes`), Parquet files, or image files / a directory of them (image ids
-    relative to the directory). Directories and globs are expanded; URIs work for all but
-    LMDB. Files of several kinds at once are a ValueError. Used by `read_images` and by the
-    embed job, which reads the same corpora as deterministic shards."""
+    `min_split_bytes`), Parquet files (`id_column`, binary `image_column`), webdataset tar
+    shards (the image of each sample; ids are the keys), or image files / a directory of
+    them (ids: paths relative to the directory). Directories, globs and brace patterns
+    are expanded; URIs work for all but LMDB. Several kinds at once are a ValueError."""
     single = path if isinstance(path, (str, os.PathLike)) else None
     if single is not None and _is_local(single):
         local = _local(single)
         if lmdb_io.is_env_dir(local) or lmdb_io.is_split_dir(local):
             imgs_dir = local if lmdb_io.is_env_dir(local) else local / "imgs"
-            return ImageSource("lmdb", LmdbImagesDatasource(imgs_dir, bad_records), None, [])
-    fs, infos = list_files(path, filesystem, TSV_SUFFIXES + PARQUET_SUFFIXES + IMAGE_SUFFIXES)
-    kinds = {_kind_of(info.path) for info in infos}
-    if len(kinds) != 1:
-        raise ValueError(f"{path} mixes file kinds ({', '.join(sorted(k or '?' for k in kinds))}); "
-                         "give TSV, Parquet or image files, one kind at a time")
-    kind = kinds.pop()
+            return Source("lmdb", LmdbImagesDatasource(imgs_dir, bad_records), None, [])
+    fs, infos, kind = _files_of_one_kind(path, filesystem, ("tsv", "parquet", "webdataset", "files"))
     if kind == "tsv":
         datasource = LinesDatasource(fs, infos, ImageLines(), bad_records, min_split_bytes=min_split_bytes)
     elif kind == "parquet":
-        datasource = None
+        datasource = ParquetImagesDatasource(fs, infos, id_column, image_column, bad_records)
+    elif kind == "webdataset":
+        datasource = WebDatasetDatasource(fs, infos, "images", bad_records)
     else:
         root = _common_root(single, filesystem, fs, infos)
         datasource = ImageFilesDatasource(fs, root, infos, labeled=False, bad_records=bad_records)
-    return ImageSource(kind, datasource, fs, infos)
+    return Source(kind, datasource, fs, infos)
+
+
+def text_source(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
+                min_split_bytes: int | None = None) -> Source:
+    """Texts: cn_clip JSONL files (rows text_id, text, image_ids) or the captions (`.txt`)
+    of webdataset tar shards (rows text_id = the sample key, text)."""
+    fs, infos, kind = _files_of_one_kind(path, filesystem, ("jsonl", "webdataset"))
+    if kind == "jsonl":
+        datasource = LinesDatasource(fs, infos, TextLines(require_image_ids=False), bad_records,
+                                     min_split_bytes=min_split_bytes)
+    else:
+        datasource = WebDatasetDatasource(fs, infos, "texts", bad_records)
+    return Source(kind, datasource, fs, infos)
 
 
 def read_images(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
                 id_column: str = "id", image_column: str = "image", **read_args: Any):
-    """An image corpus to embed, as a Dataset with rows `image_id`, `image` (encoded bytes).
+    """An image corpus (any kind `image_source` takes) as a Dataset with rows `image_id`,
+    `image` (encoded bytes). image_id is int64 for LMDB and TSV, whatever the Parquet
+    holds, the key for webdataset and the relative path for image files. `read_args`
+    go to `ray.data.read_datasource` (e.g. `override_num_blocks`, `concurrency`)."""
+    source = image_source(path, bad_records=bad_records, filesystem=filesystem, id_column=id_column,
+                          image_column=image_column)
+    return _read(source.datasource, read_args)
 
-    `path` (or a list of them) is one of: an LMDB image dir (`.../lmdb/valid/imgs`, or the
-    split dir), `*_imgs.tsv` files, Parquet files with `id_column` and `image_column`
-    (binary), or image files / a directory of them (image_id: path relative to the
-    directory). Directories and globs are expanded; URIs work for all but LMDB.
-    image_id is int64 for LMDB and TSV, whatever the Parquet holds, str for files."""
-    import ray.data
 
-    source = image_datasource(path, bad_records=bad_records, filesystem=filesystem)
-    if source.kind != "parquet":
-        return _read(source.datasource, read_args)
-    import pyarrow.parquet as pq
-
-    fs, infos = source.filesystem, source.files
-    names = pq.read_schema(infos[0].path, filesystem=fs).names
-    missing = [c for c in (id_column, image_column) if c not in names]
-    if missing:
-        raise ValueError(f"{infos[0].path} has no column {', '.join(missing)} (columns: {', '.join(names)}); "
-                         "set id_column / image_column")
-    ds = ray.data.read_parquet([i.path for i in infos], filesystem=fs, **read_args)
-    return ds.select_columns([id_column, image_column]).rename_columns({id_column: "image_id", image_column: "image"})
+def read_texts(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
+               **read_args: Any):
+    """Texts (JSONL or webdataset captions, see `text_source`) as a Dataset."""
+    return _read(text_source(path, bad_records=bad_records, filesystem=filesystem).datasource, read_args)
 
 
 def _common_root(single: PathLike | None, filesystem: pafs.FileSystem | None, fs: pafs.FileSystem,
@@ -217,16 +147,6 @@ def _common_root(single: PathLike | None, filesystem: pafs.FileSystem | None, fs
     return os.path.commonpath(parents) if all(p.startswith("/") for p in parents) else os.path.commonprefix(parents)
 
 
-# ------------------------------------------------------------------- texts
-
-def read_texts(path: Paths, *, bad_records: BadRecordSink | None = None, filesystem: pafs.FileSystem | None = None,
-               **read_args: Any):
-    """Texts from cn_clip JSONL files as a Dataset with rows `text_id` int64,
-    `text` str, `image_ids` list[int64] (empty when a line has none)."""
-    fs, infos = list_files(path, filesystem, JSONL_SUFFIXES)
-    return _read(LinesDatasource(fs, infos, TextLines(require_image_ids=False), bad_records), read_args)
-
-
 def iter_texts(path: Paths, bad: list[BadRecord] | None = None,
                filesystem: pafs.FileSystem | None = None) -> list[TextRecord]:
     """All valid text records of JSONL files, in file order, without Ray (for small files)."""
@@ -234,8 +154,6 @@ def iter_texts(path: Paths, bad: list[BadRecord] | None = None,
     rows = iter_line_rows(fs, infos, TextLines(require_image_ids=False), bad if bad is not None else [])
     return [TextRecord(text_id, text, tuple(image_ids)) for text_id, text, image_ids in rows]
 
-
-# ----------------------------------------------------------------- zero-shot
 
 def _zeroshot_dirs(path: PathLike) -> tuple[Path, Path]:
     """(dataset dir holding label_cn.txt, image dir holding <label id>/ folders)."""
@@ -251,29 +169,58 @@ def read_labels(path: PathLike) -> list[str]:
     path = _local(path)
     label_file = path if path.is_file() else _zeroshot_dirs(path)[0] / LABEL_FILE
     if not label_file.is_file():
-        raise FileNotFoundError(f"no {LABEL_FILE} at {label_file}")
-    labels = [line.strip() for line in label_file.read_text(encoding="utf-8").splitlines()]
+        raise FileNotFoundError(f"label file {label_file} does not exist")
+    try:
+        labels = [line.strip() for line in label_file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{label_file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     while labels and not labels[-1]:
         labels.pop()
-    if not labels or not all(labels):
-        raise ValueError(f"{label_file} must hold one non-empty class name per line")
+    if not labels:
+        raise ValueError(f"label file {label_file} holds no class names")
+    blank = next((number for number, name in enumerate(labels, 1) if not name), None)
+    if blank is not None:
+        raise ValueError(f"{label_file} line {blank} is blank: every label id needs a class name")
     return labels
 
 
-def read_zeroshot(path: PathLike, *, bad_records: BadRecordSink | None = None, **read_args: Any):
-    """A zero-shot image folder (`<dataset>/test/<zero-padded label id>/*`, or the test dir
-    itself) as a Dataset with rows `image_id` (path relative to test/), `label` int64, `image` bytes.
-    Label ids come from the folder names, so they index `read_labels(path)`."""
+def zeroshot_images(path: PathLike, num_classes: int | None = None) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """The images of a zero-shot folder (`<dataset>/test/<zero-padded label id>/**`, or the
+    test dir itself), ordered by label, then path, as torchvision's ImageFolder (cn_clip's
+    reader) walks them. Folder names are label ids, so a class without test images does not
+    shift the others; with `num_classes`, a label beyond the label file is an error."""
     _, image_dir = _zeroshot_dirs(path)
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"zero-shot image folder {image_dir} does not exist")
+        raise NotADirectoryError(f"zero-shot image folder {image_dir} does not exist or is not a directory")
+    classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{image_dir} has no class sub-folders (expected {image_dir}/<label id>/<images>)")
+    for name in classes:
+        if not name.isdigit():
+            raise ValueError(f"class folder {image_dir / name} is not named by a label id (e.g. 000, 001, ...)")
+        if num_classes is not None and int(name) >= num_classes:
+            raise ValueError(f"class folder {image_dir / name} is label {int(name)}, "
+                             f"but the label file has {num_classes} classes")
+    labels = {name: int(name) for name in classes}
+    if len(set(labels.values())) < len(labels):
+        raise ValueError(f"{image_dir} has two class folders for one label id (e.g. 1 and 001)")
     _, root = resolve_filesystem(str(image_dir))  # the form list_files gives paths in
-    fs, infos = list_files(root, None, IMAGE_SUFFIXES)
-    # Only files inside a class folder count, as torchvision's ImageFolder (cn_clip's reader) does.
-    infos = [i for i in infos if "/" in i.path[len(root) + 1:]]
-    folders = sorted({i.path[len(root) + 1:].split("/", 1)[0] for i in infos})
-    not_ids = [name for name in folders if not name.isdigit()]
-    if not folders or not_ids:
-        raise ValueError(f"{image_dir} must hold one folder of images per class, named by its zero-padded "
-                         f"label id (000, 001, ...); found {', '.join(not_ids[:5]) or 'no images in folders'}")
+    try:
+        fs, infos = list_files(root, None, IMAGE_SUFFIXES)
+    except FileNotFoundError:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {image_dir}") from None
+    # Only files inside a class folder count, as ImageFolder does.
+    infos = [i for i in infos if i.path[len(root) + 1:].split("/", 1)[0] in labels and "/" in i.path[len(root) + 1:]]
+    if not infos:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {image_dir}")
+    # ImageFolder sorts os.walk's (folder, files) tuples: a folder's own files before its sub-folders'.
+    infos.sort(key=lambda i: (labels[i.path[len(root) + 1:].split("/", 1)[0]], *i.path.rsplit("/", 1)))
+    return fs, root, infos
+
+
+def read_zeroshot(path: PathLike, *, bad_records: BadRecordSink | None = None, num_classes: int | None = None,
+                  **read_args: Any):
+    """A zero-shot image folder (see `zeroshot_images`) as a Dataset with rows `image_id`
+    (path relative to test/), `label` int64, `image` bytes."""
+    fs, root, infos = zeroshot_images(path, num_classes)
     return _read(ImageFilesDatasource(fs, root, infos, labeled=True, bad_records=bad_records), read_args)

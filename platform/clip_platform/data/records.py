@@ -1,4 +1,4 @@
-"""cn_clip's text formats, one record at a time (DESIGN §4).
+"""cn_clip's text formats, one record at a time, and the kinds of bad record every reader reports.
 
 * `{split}_imgs.tsv`: `image_id<TAB>base64(image bytes)` per line.
 * `{split}_texts.jsonl`: `{"text_id": int, "text": str, "image_ids": [int, ...]}` per line.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,9 @@ MISSING_IMAGE = "missing image"
 MISSING_RECORD = "missing record"
 DUPLICATE_ID = "duplicate id"
 UNREADABLE_FILE = "unreadable file"
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_NUMBERED_NAME = re.compile(r"^(\d{1,18})(\.[A-Za-z0-9]+)?$")
 
 # Standard and URL-safe base64 differ in two characters; cn_clip writes the
 # former (its README) and reads with urlsafe_b64decode, which accepts both.
@@ -54,17 +59,36 @@ class TextRecord:
 
 
 def parse_id(value: Any) -> int | None:
-    """An integer id from an int or a string of digits (cn_clip's ids are ints); None otherwise."""
+    """An integer id from an int or a string of digits (cn_clip's ids are ints); None for
+    anything else, ids outside int64 included (every id column downstream is int64)."""
     if isinstance(value, bool):  # bool is an int subclass, but True is not an id
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, (str, bytes)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         text = text.strip()
-        if text.lstrip("-").isdigit() and text.isascii():
-            return int(text)
+        value = int(text) if text.lstrip("-").isdigit() and text.isascii() else None
+    if isinstance(value, int) and INT64_MIN <= value <= INT64_MAX:
+        return value
     return None
+
+
+def stable_id(name: str) -> int:
+    """The int64 id of a record named by a string (an image file, a webdataset key):
+    `123`, `000123` or `123.jpg` -> 123, anything else a stable 63-bit hash of the name
+    (callers keep the name beside it)."""
+    match = _NUMBERED_NAME.match(name)
+    if match:
+        return int(match.group(1))
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def decode_utf8(line: bytes | str, where: str) -> str | BadRecord:
+    if isinstance(line, str):
+        return line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(BAD_LINE, None, where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
 
 
 def b64decode_image(data: str | bytes) -> bytes:
@@ -89,8 +113,9 @@ def b64encode_image(data: bytes) -> str:
 def parse_image_line(line: bytes | str, where: str = "") -> tuple[int, str] | BadRecord | None:
     """(image_id, base64 text) from one TSV line; None for a blank line.
     The base64 is returned undecoded: callers decide whether they need the bytes."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", "replace")
+    line = decode_utf8(line, where)
+    if isinstance(line, BadRecord):
+        return line
     line = line.strip()
     if not line:
         return None
@@ -99,7 +124,7 @@ def parse_image_line(line: bytes | str, where: str = "") -> tuple[int, str] | Ba
         return BadRecord(BAD_LINE, None, where, f"expected 'image_id<TAB>base64', got {len(parts)} field(s)")
     image_id = parse_id(parts[0])
     if image_id is None:
-        return BadRecord(BAD_ID, parts[0][:40], where, "image_id is not an integer")
+        return BadRecord(BAD_ID, parts[0][:40], where, "image_id is not an integer in int64's range")
     return image_id, parts[1]
 
 
@@ -110,8 +135,9 @@ def format_image_line(image_id: int, image: bytes) -> str:
 def parse_text_line(line: bytes | str, where: str = "",
                     require_image_ids: bool = True) -> TextRecord | BadRecord | None:
     """A TextRecord from one JSONL line; None for a blank line."""
-    if isinstance(line, bytes):
-        line = line.decode("utf-8", "replace")
+    line = decode_utf8(line, where)
+    if isinstance(line, BadRecord):
+        return line
     line = line.strip()
     if not line:
         return None
@@ -123,7 +149,8 @@ def parse_text_line(line: bytes | str, where: str = "",
         return BadRecord(BAD_JSON, None, where, f"expected an object, got {type(obj).__name__}")
     text_id = parse_id(obj.get("text_id"))
     if text_id is None:
-        return BadRecord(BAD_FIELD, obj.get("text_id"), where, "text_id is missing or not an integer")
+        return BadRecord(BAD_FIELD, str(obj.get("text_id"))[:40], where,
+                         "text_id is missing or not an integer in int64's range")
     text = obj.get("text")
     if not isinstance(text, str):
         return BadRecord(BAD_FIELD, text_id, where, "text is missing or not a string")
@@ -134,7 +161,7 @@ def parse_text_line(line: bytes | str, where: str = "",
         return BadRecord(BAD_FIELD, text_id, where, "image_ids is missing or not a list")
     image_ids = tuple(parse_id(i) for i in raw_ids)
     if None in image_ids:
-        return BadRecord(BAD_FIELD, text_id, where, "image_ids holds a value that is not an integer")
+        return BadRecord(BAD_FIELD, text_id, where, "image_ids holds a value that is not an integer in int64's range")
     return TextRecord(text_id, text, image_ids)
 
 

@@ -47,9 +47,9 @@ SPLITS = ("train", "valid", "test")
 @dataclass(frozen=True)
 class SyntheticConfig:
     output_dir: str                  # gets {split}_imgs.tsv, {split}_texts.jsonl, lmdb/, zeroshot/
-    num_train: int = 2000            # images per split
-    num_valid: int = 200
-    num_test: int = 200
+    num_train: int = 2000            # images of the train split
+    num_valid: int = 200             # images of the valid split
+    num_test: int = 200              # images of the test split
     resolution: int = 64             # canvas side in pixels (models resize to their own input size)
     seed: int = 0                    # same seed, same files
     max_count: int = 3               # shapes per scene: 1..max_count

@@ -25,8 +25,8 @@ def default_optimizer_params(vision_model: str) -> dict[str, float]:
 @dataclass(frozen=True)
 class TrainConfig:
     # data
-    train_data: str = ""  # LMDB split dir (cn_clip's `.../lmdb/train`) or a dataset dir + split
-    val_data: str | None = None  # LMDB split dir for validation
+    train_data: str = ""  # LMDB split dir, caption JSON, or webdataset shards (.tar, glob, {00..99}, URI)
+    val_data: str | None = None  # validation data, any kind --train-data takes
     num_workers: int = 4  # parallel decode tasks feeding each training worker
     valid_num_workers: int = 1  # parallel decode tasks for validation
     context_length: int = 52  # max tokens per text, [CLS] and [SEP] included

@@ -20,7 +20,7 @@ import clip_models
 
 from . import checkpoints
 from .config import TrainConfig
-from .data import SampleDecoder, count_pairs, stream_batches
+from .data import SampleDecoder, open_pairs, stream_batches
 from .engine import Engine, select_device, world
 from .objective import contrastive
 from .plan import Plan, validation_indices
@@ -79,8 +79,9 @@ class Trainer:
         self.rank, self.world_size = world()
         seed_everything(config.seed)
         self.device = select_device(config)
-        self.train_split = config.train_data
-        self.plan = Plan(count_pairs(config.train_data), config.batch_size, self.world_size, config.accum_freq,
+        self.train_pairs = open_pairs(config.train_data)
+        self.val_pairs = open_pairs(config.val_data) if config.val_data else None
+        self.plan = Plan(len(self.train_pairs), config.batch_size, self.world_size, config.accum_freq,
                          config.seed)
         self.total_steps, self.max_epochs = self._schedule_length()
         self.engine = Engine(build_model(config), config, self.device)
@@ -161,9 +162,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         config = self.config
         indices = self.plan.rank_indices(epoch, self.rank, self.position.step_in_epoch)
-        decoder = SampleDecoder(self.train_split, self.engine.module.image_size, config.context_length,
-                                config.use_augment)
-        batches = stream_batches(decoder, indices, config.batch_size, config.num_workers)
+        decoder = SampleDecoder(self.engine.module.image_size, config.context_length, config.use_augment)
+        batches = stream_batches(self.train_pairs, decoder, indices, config.batch_size, config.num_workers)
         self.engine.train(True)
         end = time.perf_counter()
         while self.position.global_step < self.total_steps:
@@ -252,12 +252,13 @@ class Trainer:
             return None
         config = self.config
         self.engine.train(False)
-        total = count_pairs(config.val_data)
-        indices = validation_indices(total, config.valid_batch_size, self.world_size, self.rank, config.seed)
-        decoder = SampleDecoder(config.val_data, self.engine.module.image_size, config.context_length)
+        indices = validation_indices(len(self.val_pairs), config.valid_batch_size, self.world_size, self.rank,
+                                     config.seed)
+        decoder = SampleDecoder(self.engine.module.image_size, config.context_length)
         sums, seen = torch.zeros(4, dtype=torch.float64), {}
         with torch.no_grad():
-            for batch in stream_batches(decoder, indices, config.valid_batch_size, config.valid_num_workers):
+            for batch in stream_batches(self.val_pairs, decoder, indices, config.valid_batch_size,
+                                        config.valid_num_workers):
                 images, tokens, valid = self._to_device(batch)
                 image_features, text_features, scale = self.engine.forward(images, tokens)
                 loss, acc = contrastive(image_features.float(), text_features.float(), scale.float(), valid,

@@ -1,0 +1,219 @@
+"""Pairs by index, for training: pair i of a dataset, in whatever order the sample plan asks.
+
+    pairs = open_pairs("datasets/MUGE/lmdb/train")   # or a caption JSON, or webdataset shards
+    len(pairs)                                        # the pair count the plan is built on
+    ds = ray.data.read_datasource(PlannedPairsDatasource(pairs, index_blocks))
+
+Three random-access layouts: a cn_clip LMDB split (pair key i), the clip-pytorch caption
+JSON (caption i), and webdataset tar shards (the i-th complete image + caption sample,
+shard by shard in file order; member byte ranges come from a header scan of each shard,
+made once per shard and reading process). `PlannedPairsDatasource` reads given blocks of
+indices in the given order and keeps a row for every index: a pair that cannot be read
+keeps its slot with an `error`, so every training worker's batch keeps its shape.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import lmdb_io
+from .captions import is_caption_json, read_caption_json
+from .files import list_files
+from .records import BAD_FIELD, MISSING_IMAGE, UNREADABLE_FILE, BadRecord, stable_id
+from .sources import Piece, PieceDatasource, _blocks
+from .webdataset import TAR_SUFFIXES, TarIndex
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[int, int, str, bytes]  # image_id, text_id, text (raw), encoded image
+SLOTS_SCHEMA = pa.schema([("index", pa.int64()), ("image_id", pa.int64()), ("text_id", pa.int64()),
+                          ("text", pa.string()), ("image", pa.binary()), ("error", pa.string())])
+TAR_INDEXES_CACHED = 16  # shard indexes a reading process keeps (a few MB each for 10k-sample shards)
+
+
+class LmdbPairs:
+    """A cn_clip LMDB split (`{path}/pairs` + `{path}/imgs`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        if not lmdb_io.is_split_dir(path):
+            raise FileNotFoundError(f"{path} is not a cn_clip LMDB split (expected {path}/pairs and {path}/imgs), "
+                                    "a clip-pytorch caption JSON, nor webdataset .tar shards; "
+                                    "build an LMDB with jobs/build_lmdb.py")
+        self.path = str(Path(path).resolve())
+
+    def __len__(self) -> int:
+        return lmdb_io.num_samples(self.path)
+
+    def reader(self):
+        return lmdb_io.pair_reader(self.path)
+
+
+class CaptionJsonPairs:
+    """The clip-pytorch layout (JSON list + image folder): one pair per caption."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._dataset = None
+
+    @property
+    def dataset(self):
+        if self._dataset is None:  # parsed once per process that reads
+            self._dataset = read_caption_json(self.path)
+        return self._dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.pairs)
+
+    def __getstate__(self):
+        return {"path": self.path, "_dataset": None}
+
+    @contextmanager
+    def reader(self):
+        yield self._read
+
+    def _read(self, index: int) -> Pair | BadRecord:
+        pair = self.dataset.pairs[index]
+        try:
+            return pair.image_id, pair.text_id, pair.text, pair.image_path.read_bytes()
+        except OSError as exc:
+            return BadRecord(MISSING_IMAGE, pair.image_id, str(pair.image_path), str(exc))
+
+
+class WebDatasetPairs:
+    """webdataset shards (a path, glob, brace pattern or URI): the samples holding both an
+    image and a caption, numbered across the shards in order. Ids are the sample keys
+    (`records.stable_id`: numeric keys as they are); image_id and text_id are equal."""
+
+    def __init__(self, path: str | os.PathLike | Sequence[str]):
+        self.filesystem, infos = list_files(path, None, TAR_SUFFIXES)
+        self.paths = [info.path for info in infos]
+        self._starts: np.ndarray | None = None  # first pair index of each shard, then the total
+        self._indexes: OrderedDict[str, TarIndex] = OrderedDict()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_indexes": OrderedDict()}
+
+    def _index(self, path: str) -> TarIndex:
+        if path not in self._indexes:
+            self._indexes[path] = TarIndex.scan(self.filesystem, path)
+            if len(self._indexes) > TAR_INDEXES_CACHED:
+                self._indexes.popitem(last=False)
+        self._indexes.move_to_end(path)
+        return self._indexes[path]
+
+    @property
+    def starts(self) -> np.ndarray:
+        if self._starts is None:  # one header scan of every shard, on the driver
+            counts, incomplete = [], 0
+            for path in self.paths:
+                try:
+                    index = self._index(path)
+                except (OSError, EOFError, ValueError) as exc:
+                    raise ValueError(f"webdataset shard {path} cannot be read as a tar file: {exc}") from None
+                counts.append(len(index))
+                incomplete += index.num_incomplete
+            if incomplete:
+                log.warning("%d webdataset sample(s) without an image or a caption are not training pairs",
+                            incomplete)
+            self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        return self._starts
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @contextmanager
+    def reader(self):
+        with ExitStack() as stack:
+            handles: dict[str, Any] = {}
+
+            def read(index: int) -> Pair | BadRecord:
+                shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+                path = self.paths[shard]
+                where = f"{path.rsplit('/', 1)[-1]}[{index - self.starts[shard]}]"
+                try:
+                    tar = self._index(path)
+                    key = tar.keys[index - self.starts[shard]]
+                    if path not in handles:
+                        handles[path] = stack.enter_context(self.filesystem.open_input_file(path))
+                    image_at, image_size, text_at, text_size = (int(v) for v in tar.ranges[index - self.starts[shard]])
+                    image = handles[path].read_at(image_size, image_at)
+                    raw_text = handles[path].read_at(text_size, text_at)
+                except (OSError, EOFError, ValueError) as exc:
+                    return BadRecord(UNREADABLE_FILE, None, where, str(exc))
+                try:
+                    text = raw_text.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    return BadRecord(BAD_FIELD, key, where, f"caption is not UTF-8 text ({exc.reason})")
+                ident = stable_id(key)
+                return ident, ident, text, image
+
+            yield read
+
+
+def is_webdataset(path: str | os.PathLike | Sequence[str]) -> bool:
+    """Whether a data path names tar shards (a .tar file, glob or brace pattern, or a
+    folder of them); anything else is left to the other layouts."""
+    if not isinstance(path, (str, os.PathLike)):
+        return True
+    text = os.fspath(path)
+    if text.lower().endswith(TAR_SUFFIXES) or "{" in text:
+        return True
+    if "://" not in text and Path(text).is_dir() and not lmdb_io.is_split_dir(text):
+        return any(p.suffix == ".tar" for p in Path(text).iterdir())
+    return False
+
+
+def open_pairs(path: str | os.PathLike):
+    """The pair source behind a --train-data / --val-data value: a cn_clip LMDB split,
+    a clip-pytorch caption JSON, or webdataset shards."""
+    if is_webdataset(path):
+        return WebDatasetPairs(path)
+    return CaptionJsonPairs(path) if is_caption_json(path) else LmdbPairs(path)
+
+
+def count_pairs(path: str | os.PathLike) -> int:
+    return len(open_pairs(path))
+
+
+def _slot_rows(pairs: Any, indices: np.ndarray, bad: list[BadRecord]) -> Iterator[tuple]:
+    with pairs.reader() as read:
+        for index in indices.tolist():
+            record = read(index)
+            if isinstance(record, BadRecord):
+                yield index, -1, -1, "", b"", str(record)
+            else:
+                yield (index, *record, "")
+
+
+def _read_slots(pairs: Any, indices: np.ndarray, sink: Any) -> Iterator[pa.Table]:
+    # Bad pairs travel in their rows (`error`), where the training loop counts them.
+    yield from _blocks(_slot_rows(pairs, indices, []), SLOTS_SCHEMA)
+
+
+class PlannedPairsDatasource(PieceDatasource):
+    """The pairs at `blocks` of indices, one read task per block, every index a row
+    (SLOTS_SCHEMA) in the given order: with `preserve_order`, the stream is the plan."""
+
+    schema = SLOTS_SCHEMA
+
+    def __init__(self, pairs: Any, blocks: Sequence[np.ndarray]):
+        super().__init__()
+        self.pairs = pairs
+        self.blocks = [np.asarray(b, dtype=np.int64) for b in blocks]
+
+    def get_name(self) -> str:
+        return "ReadPlannedPairs"
+
+    def pieces(self, parallelism: int) -> list[Piece]:
+        # The plan fixed the blocks: parallelism does not cut them again.
+        read: Callable = partial(_read_slots, self.pairs)
+        return [Piece(partial(read, block), None) for block in self.blocks if len(block)]
