@@ -175,26 +175,39 @@ class Index:
 
 class ImageStore:
     """Images of a cn_clip `{split}_imgs.tsv` by id, read on demand: only the byte offset of
-    each line is kept in memory, so a large TSV costs one scan at start-up."""
+    each line is kept in memory, so a large TSV costs one scan at start-up. Lines are parsed
+    by the data plane's TSV parser; bad ones are skipped and counted, as the batch jobs do."""
 
     def __init__(self, path: str):
+        from clip_platform.data.records import parse_image_line
+
         self.path = path
         self.offsets: dict[int, int] = {}
+        self.num_bad = 0
         with open(path, "rb") as f:
             offset = 0
             for line in f:
-                key, tab, _ = line.partition(b"\t")
-                if tab:
-                    self.offsets[int(key)] = offset
+                parsed = parse_image_line(line, f"{path}@{offset}")
+                if isinstance(parsed, tuple):
+                    self.offsets[parsed[0]] = offset
+                elif parsed is not None:
+                    self.num_bad += 1
                 offset += len(line)
+        if self.num_bad:
+            log.warning("%s: %d malformed line(s) skipped", path, self.num_bad)
 
     def get(self, image_id: int) -> bytes | None:
+        from clip_platform.data.records import b64decode_image
+
         offset = self.offsets.get(image_id)
         if offset is None:
             return None
         with open(self.path, "rb") as f:
             f.seek(offset)
-            return base64.b64decode(f.readline().partition(b"\t")[2].strip())
+            try:
+                return b64decode_image(f.readline().partition(b"\t")[2])
+            except ValueError:  # bad base64: the page shows no image rather than failing the request
+                return None
 
 
 def image_media_type(data: bytes) -> str:

@@ -82,13 +82,15 @@ def stable_id(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
-def decode_utf8(line: bytes | str, where: str) -> str | BadRecord:
-    if isinstance(line, str):
-        return line
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return BadRecord(BAD_LINE, None, where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+def line_text(line: bytes | str, where: str) -> str | BadRecord | None:
+    """A line's text without surrounding blanks; None for a blank line, a BadRecord for bytes
+    that are not UTF-8 (decoding them with replacement would silently change the text)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return BadRecord(BAD_LINE, None, where, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    return line.strip() or None
 
 
 def b64decode_image(data: str | bytes) -> bytes:
@@ -113,12 +115,9 @@ def b64encode_image(data: bytes) -> str:
 def parse_image_line(line: bytes | str, where: str = "") -> tuple[int, str] | BadRecord | None:
     """(image_id, base64 text) from one TSV line; None for a blank line.
     The base64 is returned undecoded: callers decide whether they need the bytes."""
-    line = decode_utf8(line, where)
-    if isinstance(line, BadRecord):
+    line = line_text(line, where)
+    if line is None or isinstance(line, BadRecord):
         return line
-    line = line.strip()
-    if not line:
-        return None
     parts = line.split("\t")
     if len(parts) != 2:
         return BadRecord(BAD_LINE, None, where, f"expected 'image_id<TAB>base64', got {len(parts)} field(s)")
@@ -135,12 +134,9 @@ def format_image_line(image_id: int, image: bytes) -> str:
 def parse_text_line(line: bytes | str, where: str = "",
                     require_image_ids: bool = True) -> TextRecord | BadRecord | None:
     """A TextRecord from one JSONL line; None for a blank line."""
-    line = decode_utf8(line, where)
-    if isinstance(line, BadRecord):
+    line = line_text(line, where)
+    if line is None or isinstance(line, BadRecord):
         return line
-    line = line.strip()
-    if not line:
-        return None
     try:
         obj = json.loads(line)
     except ValueError as exc:
