@@ -2,10 +2,10 @@
 then the run's summary and plot."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import write_json
 from .config import TrainConfig
 from .data import DECODE_CPUS, count_pairs
 from .loop import train_loop_per_worker
@@ -70,6 +70,6 @@ def run_finetune(config: TrainConfig) -> FinetuneResult:
     plot = plot_run(config.run_dir)
     summary = {"run_dir": str(config.run_dir), "checkpoint": str(config.checkpoint_dir / "epoch_latest.pt"),
                "ray_checkpoint": result.checkpoint.path if result.checkpoint else None, "metrics": metrics}
-    (config.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(config.run_dir / "summary.json", summary, indent=2, default=str)
     return FinetuneResult(config.run_dir, config.checkpoint_dir / "epoch_latest.pt",
                           result.checkpoint.path if result.checkpoint else None, metrics, plot)
