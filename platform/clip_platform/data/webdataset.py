@@ -10,9 +10,11 @@ Two ways in, both on any pyarrow filesystem:
   keeps each complete sample's byte ranges, so training can fetch sample i of the
   plan directly (`clip_platform.data.indexed.WebDatasetPairs`).
 
-Ray Data's own `read_webdataset` decodes members with its own decoder and fails the task
-on a corrupt shard; here a corrupt image is a named bad record at decode time and an
-unreadable shard costs its remaining samples, reported, not the job.
+Ray Data's own `read_webdataset` (checked in Ray 2.60) does not fit: it yields one-row
+blocks, decodes members with its own decoder, fails the task (so the job) on a truncated
+shard, and cannot run as the embed job's resumable pieces with a bad-record sink each.
+Here a corrupt image is a named bad record at decode time, and an unreadable shard costs
+its remaining samples, reported, not the job.
 """
 from __future__ import annotations
 
