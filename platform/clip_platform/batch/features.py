@@ -185,11 +185,15 @@ def json_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line of a JSONL file, `where` being "FILE line N" for
     messages; a line that is not a JSON object is a ValueError naming it. Shared by the
     feature, prediction and annotation readers."""
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:  # decoded line by line, so a bad byte's error can name its line
+        for number, raw in enumerate(lines, 1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}: not UTF-8 text ({exc.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
