@@ -34,8 +34,25 @@ def read_checkpoint(path: str | Path, mmap: bool = False,
     mmap: the tensors stay in the file, read only when touched: for a quick look at the
     config and shapes (the file must not be rewritten while they are in use).
     meta: a dict to fill with a training checkpoint's other top-level entries (cn_clip's
-    epoch, step, optimizer; our data_position), so a resume reads the file once."""
+    epoch, step, optimizer; our data_position), so a resume reads the file once.
+    A file that cannot be read as one raises CheckpointError naming it."""
     path = Path(path)
+    try:
+        return _read(path, mmap, meta)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors, JSON and config errors of a damaged file or folder
+        raise CheckpointError(f"{path} is not a checkpoint clip_models can read ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's first line, for a one-line error."""
+    if isinstance(exc, KeyError):
+        return f"no {exc} entry"
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def _read(path: Path, mmap: bool, meta: dict | None) -> tuple[dict[str, torch.Tensor], CLIPConfig | None, str]:
     if path.is_dir():
         return _read_hf_dir(path, mmap)
     if not path.is_file():
@@ -47,8 +64,8 @@ def read_checkpoint(path: str | Path, mmap: bool = False,
     try:
         obj = _torch_load(path, mmap)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a checkpoint we read"
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({reason})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True "
+                              f"({_reason(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if meta is not None and isinstance(obj.get("state_dict"), dict):
@@ -117,12 +134,15 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := regex.match(k))})
 
 
-def infer_config(sd: dict[str, torch.Tensor]) -> CLIPConfig:
-    """The architecture the weights describe (depths, widths, patch, resolution)."""
+def infer_config(sd: dict[str, torch.Tensor], source: str | Path | None = None) -> CLIPConfig:
+    """The architecture the weights describe (depths, widths, patch, resolution); errors name `source`."""
+    where = f"{source}: " if source else ""
     try:
         return CLIPConfig(_infer_embed_dim(sd), _infer_vision(sd), _infer_text(sd))
     except KeyError as exc:
-        raise CheckpointError(f"not a Chinese-CLIP state dict: missing {exc.args[0]!r}") from None
+        raise CheckpointError(f"{where}not a Chinese-CLIP state dict: missing {exc.args[0]!r}") from None
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:  # tensors of the wrong rank or size
+        raise CheckpointError(f"{where}not a Chinese-CLIP state dict ({_reason(exc)})") from None
 
 
 def _infer_embed_dim(sd) -> int:
@@ -195,10 +215,38 @@ def build_model(config: CLIPConfig, sd: dict[str, torch.Tensor] | None = None, s
 def load_model(path: str | Path) -> CLIP:
     """A CLIP model from any supported checkpoint, architecture inferred; in eval mode."""
     sd, config, kind = read_checkpoint(path)
-    config = config or infer_config(sd)
+    config = config or infer_config(sd, path)
     model = build_model(config, sd, source=str(path))
     log.info("loaded %s (%s) from %s", config.struct_name(), kind, path)
     return model.eval()
+
+
+def inspect_checkpoint(name_or_path: str | Path, config: CLIPConfig | None = None) -> CLIPConfig:
+    """The architecture of a released model or a checkpoint, found without loading the weights
+    (memory-mapped), for a job's driver to check before it starts workers: every way the file
+    would fail to load (unreadable, not CLIP weights, shapes that do not fit) raises
+    CheckpointError naming it here. `config`: the architecture the weights must fit instead of
+    their own (a finetuning run's). A released name is not downloaded: its architecture is known."""
+    from . import resolve
+    from .config import config_from_struct
+    from .hub import RELEASES
+
+    if str(name_or_path) in RELEASES:
+        return config_from_struct(str(name_or_path).removeprefix("QA-CLIP-"))  # QA-CLIP: cn_clip's architectures
+    path = resolve(name_or_path)
+    sd, recorded, _ = read_checkpoint(path, mmap=True)
+    config = config or recorded or infer_config(sd, path)
+    with torch.device("meta"):
+        expected = {key: tensor.shape for key, tensor in CLIP(config).state_dict().items()}
+    missing = sorted(expected.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - expected.keys())
+    wrong = [f"{key} {tuple(getattr(sd[key], 'shape', ()))} (expected {tuple(shape)})"
+             for key, shape in expected.items() if key in sd and getattr(sd[key], "shape", None) != shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        raise CheckpointError(f"{path} does not fit {config.struct_name()}: {detail}")
+    return config
 
 
 # ---------------------------------------------------------------- writing

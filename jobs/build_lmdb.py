@@ -10,7 +10,6 @@ Locally: `python jobs/build_lmdb.py --data_dir D --splits train,valid`. Inputs o
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 
@@ -18,21 +17,9 @@ from clip_platform import cli, config
 from clip_platform.data import BuildLmdbConfig, build_lmdb
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", "--data-dir", required=True,
-                        help="the directory holding the image TSV files and the text JSONL annotations")
-    parser.add_argument("--splits", required=True, help="dataset splits to process, comma separated (train,valid,test)")
-    parser.add_argument("--lmdb_dir", "--lmdb-dir", default=None,
-                        help="output directory of the LMDB files (default: {data_dir}/lmdb)")
-    parser.add_argument("--parallel", choices=("auto", "ray", "local"), default="auto",
-                        help="validate images with Ray tasks, in this process, or Ray for large inputs (default)")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    reports = build_lmdb(config.build(BuildLmdbConfig, vars(args)))
+    args = config.parser(BuildLmdbConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    reports = build_lmdb(config.from_args(BuildLmdbConfig, args))
     for report in reports:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     print("done!")

@@ -7,23 +7,21 @@ to cn_clip's layout: {split}_imgs.tsv + {split}_texts.jsonl, and LMDB with --lmd
 """
 from __future__ import annotations
 
-import argparse
 import json
 
-from clip_platform import cli
+from clip_platform import cli, config
 from clip_platform.data.captions import ConvertConfig, convert_captions
+
+SPLITS = ("train", "valid", "test")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for split in ("train", "valid", "test"):
+    parser = config.parser(ConvertConfig, __doc__)
+    for split in SPLITS:
         parser.add_argument(f"--{split}", help=f"caption JSON of the {split} split")
-    parser.add_argument("--output-dir", "--output_dir", required=True, help="cn_clip dataset directory to write")
-    parser.add_argument("--image-root", "--image_root", help="folder the JSON's image paths are relative to")
-    parser.add_argument("--lmdb", action="store_true", help="also build lmdb/{split}")
     args = parser.parse_args(argv)
-    splits = {s: getattr(args, s) for s in ("train", "valid", "test") if getattr(args, s)}
-    report = convert_captions(ConvertConfig(args.output_dir, splits, args.image_root, args.lmdb))
+    splits = {split: getattr(args, split) for split in SPLITS if hasattr(args, split)}
+    report = convert_captions(config.from_args(ConvertConfig, args, {"splits": splits}))
     print(json.dumps(report, ensure_ascii=False, indent=1))
 
 

@@ -11,26 +11,17 @@ A malformed file writes cn_clip's error JSON to OUT and exits with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 
 from clip_platform import cli, config
 from clip_platform.batch.evaluate import EvaluateConfig, evaluate
-from clip_platform.batch.predictions import MODES
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("ground_truth", help="annotations JSONL (GT)")
-    parser.add_argument("predictions", help="predictions JSONL (PRED)")
-    parser.add_argument("output", help="recall JSON to write (OUT)")
-    parser.add_argument("--mode", choices=MODES, default="t2i", help="t2i: text->image (default); i2t: image->text")
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    result = evaluate(config.build(EvaluateConfig, vars(parse_args(argv))))
+    parser = config.parser(EvaluateConfig, __doc__.split("\n\n")[0],
+                           positional=("ground_truth", "predictions", "output"))
+    result = evaluate(config.from_args(EvaluateConfig, parser.parse_args(argv)))
     print(json.dumps(result))
 
 

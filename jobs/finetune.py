@@ -11,7 +11,6 @@ cn_clip-style: --train-data D/lmdb/train --val-data D/lmdb/valid --vision-model 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from clip_platform import cli, config
@@ -28,12 +27,13 @@ def make_demo_data(recipe: dict) -> None:
 def main(argv=None) -> None:
     from clip_platform.train import TrainConfig, run_finetune
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (its `finetune:` section, or the whole file); flags override it")
-    config.add_arguments(parser, TrainConfig)
+    parser = config.parser(TrainConfig, __doc__)
+    parser.add_argument("--config", default=None,
+                        help="YAML recipe (its `finetune:` section, or the whole file); flags override it")
     args = parser.parse_args(argv)
     whole = config.load_yaml(args.config) if args.config else {}
-    train_config = config.build(TrainConfig, whole.get("finetune", whole), config.overrides(args, TrainConfig))
+    train_config = config.from_args(TrainConfig, args, whole.get("finetune", whole), source=args.config)
+    config.check_model(train_config.resume, fits=train_config.model_config())
     if "synthetic" in whole and not Path(train_config.train_data).exists():
         make_demo_data(whole)
     result = run_finetune(train_config)

@@ -12,36 +12,18 @@ A re-run resumes the feature shards of an interrupted one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 
 from clip_platform import cli, config
-from clip_platform.batch.precision import PRECISIONS
 from clip_platform.batch.retrieval import RetrievalEvalConfig, format_table, retrieval_eval
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="", help="dataset folder ({split}_texts.jsonl, images)")
-    parser.add_argument("--split", default="valid", help="split to evaluate (default valid)")
-    parser.add_argument("--output-dir", required=True, help="folder for features, predictions and scores")
-    parser.add_argument("--resume", default=None, help="checkpoint: cn_clip .pt, Hugging Face dir or ours")
-    parser.add_argument("--vision-model", default=None, help="released model to load when --resume is not given")
-    parser.add_argument("--image-data", default=None, help="images instead of the split's")
-    parser.add_argument("--text-data", default=None, help="texts JSONL instead of the split's")
-    parser.add_argument("--precision", choices=PRECISIONS, default="amp", help="amp/fp32 (fp32), bf16 or fp16")
-    parser.add_argument("--img-batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument("--text-batch-size", type=int, default=64, help="texts per batch")
-    parser.add_argument("--context-length", type=int, default=52, help="token limit per text")
-    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per encoder actor (default: 1 if any)")
-    parser.add_argument("--concurrency", type=int, default=0, help="encoder actors (0: automatic)")
-    parser.add_argument("--rows-per-shard", type=int, default=10000, help="records per feature shard")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    summary = retrieval_eval(config.build(RetrievalEvalConfig, vars(parse_args(argv))))
+    args = config.parser(RetrievalEvalConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    eval_config = config.from_args(RetrievalEvalConfig, args)
+    config.check_model(eval_config.resume or eval_config.vision_model, eval_config.context_length)
+    summary = retrieval_eval(eval_config)
     print(format_table(summary))
     print(json.dumps({k: summary[k] for k in ("t2i", "i2t", "mean_recall")}))
 

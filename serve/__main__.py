@@ -10,10 +10,9 @@ port of its own, printed at start: the faster address, without the proxy hop.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
-from clip_platform import cli
+from clip_platform import cli, config
 
 
 def parse_checkpoints(values: list[str]) -> dict[str, str]:
@@ -31,34 +30,22 @@ def main(argv=None) -> None:
 
     from serve.app import ServeConfig, build_app, enable_direct_ingress, gateway_urls
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.parser(ServeConfig, __doc__)
     parser.add_argument("--checkpoint", action="append", required=True, help="[name=]checkpoint; repeat for more")
-    parser.add_argument("--index", help="image features from jobs/embed.py for POST /search")
-    parser.add_argument("--index-metadata", help="JSONL of {image_id, ...} returned with search hits")
-    parser.add_argument("--index-images", help="cn_clip {split}_imgs.tsv: the web page shows the hits' images")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-replicas", type=int, default=2)
-    parser.add_argument("--max-models-per-replica", type=int, default=ServeConfig.max_models_per_replica,
-                        help="checkpoints one Encoder replica keeps loaded (least recently used go first)")
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch threads per Encoder replica (0: one per reserved CPU); on a CPU-only "
-                             "machine with one replica, give it the number of cores")
-    parser.add_argument("--no-direct-ingress", dest="direct_ingress", action="store_false",
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy (default: 8000)")
+    parser.add_argument("--no-direct-ingress", dest="direct_ingress", action="store_false", default=True,
                         help="serve HTTP through Serve's proxy only (the Gateway replica opens no port of its own)")
     args = parser.parse_args(argv)
-    config = ServeConfig(checkpoints=parse_checkpoints(args.checkpoint), index=args.index,
-                         index_metadata=args.index_metadata, index_images=args.index_images,
-                         max_replicas=args.max_replicas, max_models_per_replica=args.max_models_per_replica,
-                         torch_threads=args.torch_threads)
+    serve_config = config.from_args(ServeConfig, args, {"checkpoints": parse_checkpoints(args.checkpoint)})
     if args.direct_ingress:
         enable_direct_ingress()  # read by the Ray processes ray.init starts below
     ray.init()
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name="clip", route_prefix="/")
+    serve.run(build_app(serve_config), name="clip", route_prefix="/")
     proxy = f"http://{args.host}:{args.port}"
     direct = [url for url in gateway_urls("clip", args.host, args.port) if url != proxy]
-    print(f"serving {', '.join(config.checkpoints)} on {proxy} (docs at /docs)"
+    print(f"serving {', '.join(serve_config.checkpoints)} on {proxy} (docs at /docs)"
           + (f"; direct ingress, no proxy hop: {', '.join(direct)}" if direct else "") + "; Ctrl-C stops")
     while True:
         time.sleep(3600)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,17 +71,17 @@ class EmbedConfig:
     text_batch_size: int = 64  # texts per encoder batch, padded to the batch's longest
     context_length: int = 52  # token limit per text, [CLS] and [SEP] included
     resume: str | None = None  # checkpoint: anything clip_models.load accepts (cn_clip .pt, HF dir, ours)
-    precision: str = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast
+    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast
     vision_model: str | None = None  # a released model name to load when --resume is not given
     text_model: str | None = None  # accepted for cn_clip's command lines; the checkpoint defines the model
     output_dir: str | None = None  # sharded output: <output-dir>/images and <output-dir>/texts
-    format: str = "parquet"  # format of the shards in --output-dir: parquet or jsonl
+    format: Literal[FORMATS] = "parquet"  # format of the shards in --output-dir
     num_gpus: float | None = None  # GPUs per encoder actor (default: 1 when the cluster has GPUs, else 0)
     concurrency: int = 0  # encoder actors (0: one per GPU, or one per CPU node using its cores)
     threads: int = 0  # torch threads per CPU encoder actor (0: the node's CPUs shared by its actors)
     rows_per_shard: int = 10000  # records per shard: the unit of output files and of resuming
     overwrite: bool = False  # replace shards of another input or model instead of stopping
-    compile: str = "auto"  # image encoders through torch.compile: on, off, auto (CPU, big corpora)
+    compile: Literal[COMPILE_CHOICES] = "auto"  # torch.compile image encoders (auto: CPU ones given 1000+ images)
 
     def __post_init__(self):
         if not (self.extract_image_feats or self.extract_text_feats):
@@ -105,6 +105,13 @@ class EmbedConfig:
         if self.extract_text_feats and not self.text_feat_output_path and not self.output_dir \
                 and not self.text_data.endswith(".jsonl"):
             raise ValueError(f"--text-data {self.text_data} does not end in .jsonl: give --text-feat-output-path")
+        for flag, path, wanted in (("--text-data", self.text_data, self.extract_text_feats),
+                                   ("--image-data", self.image_data, self.extract_image_feats)):
+            if wanted:
+                config_io.check_not_empty(path, flag)
+        config_io.check_output(self.image_feat_output_path, "--image-feat-output-path")
+        config_io.check_output(self.text_feat_output_path, "--text-feat-output-path")
+        config_io.check_output(self.output_dir, "--output-dir", directory=True)
 
     @property
     def model_source(self) -> str:

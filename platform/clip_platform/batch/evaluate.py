@@ -14,9 +14,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from .. import config as config_io
 from ..io import write_json, write_lines
-from .predictions import (check_mode, iter_annotations, looks_like, read_annotations, read_predictions,
+from .predictions import (MODES, check_mode, iter_annotations, looks_like, read_annotations, read_predictions,
                           transform_t2i_to_i2t)
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,14 @@ class EvaluateConfig:
     ground_truth: str  # annotations JSONL (t2i: *_texts.jsonl; i2t: its *.tr.jsonl, or the t2i file itself)
     predictions: str  # predictions JSONL from jobs/knn.py or cn_clip's make_topk_predictions*.py
     output: str  # recall JSON path
-    mode: str = "t2i"  # t2i: text->image; i2t: image->text
+    mode: Literal[MODES] = "t2i"  # t2i: text->image; i2t: image->text
 
     def __post_init__(self):
         check_mode(self.mode)
         for name in ("ground_truth", "predictions", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} path is required")
+        config_io.check_output(self.output, "OUT")
 
 
 @dataclass(frozen=True)

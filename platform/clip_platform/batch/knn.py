@@ -19,13 +19,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import ray
 
+from .. import config as config_io
 from .faiss_index import FaissSpec, build_index, choose_index, search_index
 from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
-from .predictions import KEYS, PredictionWriter, check_mode
+from .predictions import KEYS, MODES, PredictionWriter, check_mode
 from .runtime import ensure_ray, get, node_id
 from .topk import exact_topk, merge_topk
 
@@ -41,8 +43,8 @@ class KnnConfig:
     output: str  # predictions JSONL
     top_k: int = 10  # ids predicted per query
     eval_batch_size: int = 32768  # corpus rows scored per matrix product inside a task (cn_clip's flag)
-    mode: str = "t2i"  # t2i: texts query images; i2t: images query texts
-    index: str = "exact"  # exact, or faiss (approximate, for corpora too big for exact search)
+    mode: Literal[MODES] = "t2i"  # t2i: texts query images; i2t: images query texts
+    index: Literal[INDEXES] = "exact"  # exact, or faiss (approximate, for corpora too big for exact search)
     query_block_size: int = 4096  # queries per Ray task
     corpus_shard_size: int = 131072  # corpus rows per shard (Parquet: whole row groups; JSONL: one file)
     max_inflight_blocks: int = 4  # query blocks in flight: bounds driver and object-store memory
@@ -66,6 +68,9 @@ class KnnConfig:
         for name in ("nprobe", "ef_search", "recall_sample", "faiss_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        config_io.check_not_empty(self.image_feats, "--image-feats")
+        config_io.check_not_empty(self.text_feats, "--text-feats")
+        config_io.check_output(self.output, "--output")
 
     @property
     def query_path(self) -> str:

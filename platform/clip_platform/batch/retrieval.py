@@ -18,10 +18,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import clip_models
 
+from .. import config as config_io
 from ..data import iter_texts, lmdb_io
 from ..io import write_json, write_lines
 from .embed import EmbedConfig, EmbedReport, embed
@@ -38,17 +39,17 @@ MODE_NAMES = {"t2i": "text→image", "i2t": "image→text"}
 
 @dataclass(frozen=True)
 class RetrievalEvalConfig:
-    data_dir: str  # dataset folder: {split}_texts.jsonl plus {split}_imgs.tsv or lmdb/{split}/imgs
-    output_dir: str  # everything this evaluation writes
+    output_dir: str  # folder for everything this evaluation writes: features, predictions, scores
+    data_dir: str = ""  # dataset folder: {split}_texts.jsonl plus {split}_imgs.tsv or lmdb/{split}/imgs
     resume: str | None = None  # checkpoint: anything clip_models.load accepts
     vision_model: str | None = None  # a released model name, when --resume is not given
     split: str = "valid"  # dataset split to evaluate
     image_data: str | None = None  # overrides the split's images (LMDB imgs dir, TSV, Parquet, image files)
     text_data: str | None = None  # overrides the split's texts JSONL (also the ground truth)
-    precision: str = "amp"  # amp/fp32, bf16 or fp16
-    img_batch_size: int = 64
-    text_batch_size: int = 64
-    context_length: int = 52
+    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast
+    img_batch_size: int = 64  # images per encoder batch
+    text_batch_size: int = 64  # texts per encoder batch
+    context_length: int = 52  # token limit per text, [CLS] and [SEP] included
     num_gpus: float | None = None  # GPUs per encoder actor (default: 1 when the cluster has GPUs)
     concurrency: int = 0  # encoder actors (0: automatic)
     rows_per_shard: int = 10000  # records per feature shard
@@ -63,6 +64,7 @@ class RetrievalEvalConfig:
         if not self.resume and self.vision_model not in clip_models.available_models():
             raise ValueError(f"--resume is required unless --vision-model names a released model "
                              f"({', '.join(clip_models.available_models())})")
+        config_io.check_output(self.output_dir, "--output-dir", directory=True)
 
 
 def split_inputs(config: RetrievalEvalConfig) -> tuple[str, str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger(__name__)
+from ..cli import USER_ERRORS
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:

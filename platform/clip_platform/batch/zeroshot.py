@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class ZeroShotConfig:
     resume: str | None = None  # checkpoint, anything clip_models.load accepts; default: the released --vision-model
     vision_model: str | None = None  # name in "CN-CLIP-<name>"; default: inferred from the checkpoint
     text_model: str | None = None  # accepted for cn_clip's command lines; the checkpoint defines the model
-    precision: str = "amp"  # amp/fp32: fp32 as cn_clip's zero-shot; bf16/fp16: autocast
+    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip's zero-shot; bf16/fp16: autocast
     img_batch_size: int = 64  # images per batch
     context_length: int = 52  # prompt token limit, [CLS] and [SEP] included
     num_workers: int = 4  # CPU decode tasks in flight (cn_clip: data-loader workers)
@@ -68,6 +69,8 @@ class ZeroShotConfig:
             raise ValueError(f"num_gpus must not be negative, got {self.num_gpus}")
         if self.context_length < 3:
             raise ValueError("context_length must leave room for [CLS], [SEP] and one token")
+        config_io.check_output(self.save_dir, "--save-dir", directory=True)
+        config_io.check_output(str(Path(self.save_dir) / f"{self.dataset}.json"), "the output of --dataset")
 
 
 @dataclass(frozen=True)

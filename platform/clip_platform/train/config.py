@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import clip_models
 
+from .. import config as config_io
 from ..batch.precision import PRECISIONS
 
 BACKENDS = ("deepspeed", "ddp")
@@ -42,46 +44,46 @@ class TrainConfig:
     batch_size: int = 64  # per worker
     valid_batch_size: int = 64  # per worker
     max_steps: int | None = None  # wins over max_epochs
-    max_epochs: int = 32
+    max_epochs: int = 32  # training epochs (unless --max-steps)
     valid_step_interval: int | None = None  # validate every N steps (None: off)
     valid_epoch_interval: int | None = 1  # validate every N epochs (None: off)
     # optimiser
     lr: float | None = None  # None: cn_clip's per-model default
-    beta1: float | None = None
-    beta2: float | None = None
-    eps: float | None = None
+    beta1: float | None = None  # AdamW beta1 (None: cn_clip's per-model default)
+    beta2: float | None = None  # AdamW beta2 (None: cn_clip's per-model default)
+    eps: float | None = None  # AdamW epsilon (None: cn_clip's per-model default)
     wd: float = 0.2  # weight decay (not on gains, biases, logit_scale)
     warmup: int = 500  # linear warm-up steps before cosine decay
     # checkpoints
-    save_epoch_frequency: int = 1
+    save_epoch_frequency: int = 1  # write a checkpoint every N epochs
     save_step_frequency: int = -1  # -1: off
     resume: str | None = None  # any checkpoint clip_models.load accepts
-    reset_optimizer: bool = False
+    reset_optimizer: bool = False  # start the optimiser afresh after --resume
     reset_data_offset: bool = False  # restart the data at epoch 0, step 0 after --resume
     # model
-    precision: str = "amp"  # amp | fp16 | bf16 | fp32 (amp and fp16 need a GPU; CPU runs fp32)
+    precision: Literal[PRECISIONS] = "amp"  # amp and fp16 need a GPU (CPU runs fp32)
     vision_model: str = "ViT-B-16"  # a name in clip_models/configs
-    text_model: str = "RoBERTa-wwm-ext-base-chinese"
+    text_model: str = "RoBERTa-wwm-ext-base-chinese"  # a text tower name in clip_models/configs
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training (ViT only)
     clip_weight_path: str | None = None  # OpenAI CLIP weights (JIT archive or state dict) for vision + logit_scale
     bert_weight_path: str | None = None  # Chinese BERT weights (HF directory or state dict) for the text tower
-    freeze_vision: bool = False
-    grad_checkpointing: bool = False
+    freeze_vision: bool = False  # train the text tower only (RN50 BatchNorm statistics frozen too)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     use_flash_attention: bool = False  # cn_clip flag; SDPA picks flash kernels on GPU regardless
     use_bn_sync: bool = False  # SyncBatchNorm for RN50
     accum_freq: int = 1  # gradient accumulation with cn_clip's feature cache
     gather_with_grad: bool = False  # all_gather with gradients (torch.distributed.nn)
     skip_aggregate: bool = False  # contrast only within each worker's batch
-    seed: int = 123
+    seed: int = 123  # sample order and initialisation
     # distillation (teacher: any checkpoint clip_models.load accepts)
-    distillation: bool = False
-    teacher_model_name: str | None = None
-    kd_loss_weight: float = 0.5
+    distillation: bool = False  # add a distillation loss towards --teacher-model-name
+    teacher_model_name: str | None = None  # the teacher: any checkpoint clip_models.load accepts
+    kd_loss_weight: float = 0.5  # weight of the distillation loss
     # Ray Train / DeepSpeed
     workers: int = 1  # Ray Train workers (one per GPU with --use-gpu)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per training worker
     cpus_per_worker: float = 1.0  # CPUs reserved per training worker; leave some for data decoding
-    backend: str = "deepspeed"  # deepspeed | ddp
+    backend: Literal[BACKENDS] = "deepspeed"  # DeepSpeed (ZeRO) or PyTorch DDP
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
     storage_path: str | None = None  # Ray Train storage (local dir or s3://); default {logs}/ray_results
     num_to_keep: int = 2  # Ray Train checkpoints kept (latest)
@@ -142,9 +144,7 @@ class TrainConfig:
         model = self.model_config()  # raises for unknown names
         if self.mask_ratio > 0 and model.vision.is_resnet:
             raise ValueError(f"--mask-ratio (FLIP) works on ViT towers only, not {self.vision_model}")
-        if self.context_length > model.text.max_position_embeddings:
-            raise ValueError(f"--context-length {self.context_length} exceeds {self.text_model}'s "
-                             f"{model.text.max_position_embeddings} positions")
+        config_io.check_context_length(self.context_length, model, self.text_model)
 
     def model_config(self) -> clip_models.CLIPConfig:
         return clip_models.config_from_names(self.vision_model, self.text_model)
