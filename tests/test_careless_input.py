@@ -199,3 +199,33 @@ def test_empty_inputs_are_refused(tiny, capsys, tmp_path):
     line = fails_in_one_line("embed", ["--extract-text-feats", "--text-data", empty, "--resume", tiny],
                              capsys, tmp_path)
     assert line.endswith(f"--text-data {empty} is empty")
+
+
+# ---------------------------------------------------------------- ids beyond int64: skipped and named
+
+def test_ids_beyond_int64_are_skipped_and_named(ray_local, tiny, capsys, tmp_path):
+    """A JSONL text_id of 10**23 is one bad record, named, not the end of the job; the LMDB
+    builder leaves it out instead of writing an id no int64 column can hold."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    texts = tmp_path / "valid_texts.jsonl"
+    texts.write_text('{"text_id": 100000000000000000000000, "text": "太大", "image_ids": [1]}\n'
+                     '{"text_id": 2, "text": "红色的圆形", "image_ids": [1]}\n', encoding="utf-8")
+    load_job("embed").main(["--extract-text-feats", "--text-data", str(texts), "--resume", str(tiny),
+                            "--output-dir", str(tmp_path / "out")])
+    (report,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert report["num_features"] == 1 and report["skipped"]["counts"] == {"missing or invalid field": 1}
+    assert report["skipped"]["examples"]["missing or invalid field"][0]["id"] == "100000000000000000000000"
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(image, format="PNG")
+    (tmp_path / "valid_imgs.tsv").write_text(f"1\t{base64.b64encode(image.getvalue()).decode()}\n")
+    load_job("build_lmdb").main(["--data_dir", str(tmp_path), "--splits", "valid"])
+    from clip_platform.data import lmdb_io
+
+    with lmdb_io.pair_reader(tmp_path / "lmdb" / "valid") as read:
+        assert lmdb_io.num_samples(tmp_path / "lmdb" / "valid") == 1 and read(0)[1] == 2
