@@ -15,6 +15,7 @@ No Ray here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -89,6 +90,88 @@ def _ivf_spec(num_rows: int, dim: int, k: int, nprobe: int) -> FaissSpec:
     if not group or num_rows < 1024:
         return FaissSpec(f"IVF{nlist},Flat", nprobe=nprobe, train_rows=train_rows)
     return FaissSpec(f"IVF{nlist},PQ{dim // group}x4fs", nprobe=nprobe, rerank=RERANK_FACTOR, train_rows=train_rows)
+
+
+# ---------------------------------------------------------------- served (persistent) indexes
+#
+# A served index is built once and searched for months from a memory-mapped file, so the
+# choice follows autofaiss's published rules rather than the batch job's build-time ones:
+# about 4·sqrt(N) lists, the finest codes that fit the memory budget, and inverted lists
+# that FAISS can merge onto disk (no fast-scan blocks, no in-memory refine copy).
+
+SERVED_FLAT_MAX_ROWS = 10_000  # auto: one list scanned whole (exact) below this many rows
+HNSW_QUANTIZER_LISTS = 4096  # from this many lists on, an HNSW graph finds a vector's lists
+PQ_TRAIN_ROWS = 256 * MIN_TRAIN_PER_LIST  # 8-bit PQ: 256 centroids per sub-quantizer
+MAX_TRAIN_BYTES = 512 * 2**20  # the training sample, held by one task: bounds nlist too
+ID_BYTES = 8  # each vector's int64 id, stored in its inverted list
+PQ_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16)  # PQ code sizes tried, finest first; below 16
+# bytes recall falls apart, so a corpus that does not fit even then is split into index shards
+
+
+def choose_served_index(num_rows: int, dim: int, max_memory: int, kind: str = "auto",
+                        num_shards: int = 0) -> tuple[FaissSpec, int]:
+    """(index, number of index shards) for a persistent index over `num_rows` x `dim` that may
+    take `max_memory` bytes when served. `kind` is auto|flat|hnsw|ivf or a faiss factory
+    string. "flat" is one inverted list scanned whole: exact, and memory-mapped like IVF.
+    Shards: `num_shards`, or (0) as many as it takes for each to fit `max_memory`."""
+    if num_rows <= 0:
+        raise ValueError("cannot build an index over an empty corpus")
+    max_train = max(1, min(num_rows, MAX_TRAIN_BYTES // (4 * dim)))
+    if kind == "auto":
+        fits_flat = num_rows * (4 * dim + ID_BYTES) <= max_memory
+        kind = "flat" if num_rows < SERVED_FLAT_MAX_ROWS and fits_flat else "ivf"
+    if kind == "flat":
+        spec = FaissSpec("IVF1,Flat", nprobe=1, train_rows=min(num_rows, 256))
+    elif kind == "hnsw":
+        spec = FaissSpec("IDMap2,HNSW32,Flat", ef_search=64)
+    elif kind == "ivf":
+        spec = _served_ivf_spec(num_rows, dim, max_memory, max_train)
+    elif kind in KINDS or not kind:
+        raise ValueError(f"unknown FAISS index kind {kind!r}")
+    else:
+        spec = choose_index(num_rows, dim, kind=kind)
+        # Ids live in the index: IVF lists keep them, anything else needs FAISS's id map.
+        factory = spec.factory if "IVF" in spec.factory or spec.factory.startswith("IDMap") \
+            else f"IDMap2,{spec.factory}"
+        spec = dataclasses.replace(spec, factory=factory, train_rows=min(spec.train_rows, max_train))
+    size = served_bytes(spec.factory, num_rows, dim)
+    return spec, num_shards or max(1, math.ceil(size / max_memory))
+
+
+def _served_ivf_spec(num_rows: int, dim: int, max_memory: int, max_train: int) -> FaissSpec:
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_rows))))
+    while nlist > 1 and min(num_rows, max_train) < MIN_TRAIN_PER_LIST * nlist:
+        nlist //= 2
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
+    codes = ["Flat", "SQ8"] + [f"PQ{m}x8" for m in PQ_BYTES if m < dim and dim % m == 0]
+    if num_rows < PQ_TRAIN_ROWS:  # too few rows to train 8-bit PQ: scalar codes only
+        codes = codes[:2]
+    fitting = [c for c in codes if served_bytes(f"{quantizer},{c}", num_rows, dim) <= max_memory]
+    code = fitting[0] if fitting else codes[-1]  # nothing fits: the smallest, split into shards
+    train_rows = min(max_train, max(TRAIN_PER_LIST * nlist, PQ_TRAIN_ROWS if code.startswith("PQ") else 0))
+    return FaissSpec(f"{quantizer},{code}", nprobe=min(nlist, 16), train_rows=train_rows)
+
+
+def served_bytes(factory: str, num_rows: int, dim: int) -> int:
+    """Bytes an index of `factory` takes over `num_rows` x `dim`: codes and ids, plus the
+    coarse centroids (HNSW graphs and other small overheads left out)."""
+    per_vector = 4 * dim
+    if match := re.search(r"PQ(\d+)(?:x(\d+))?", factory):
+        per_vector = math.ceil(int(match.group(1)) * int(match.group(2) or 8) / 8)
+    elif "SQ8" in factory:
+        per_vector = dim
+    elif "SQ4" in factory:
+        per_vector = math.ceil(dim / 2)
+    if (graph := re.search(r"HNSW(\d+)", factory)) and "IVF" not in factory:
+        per_vector += 2 * int(graph.group(1)) * 4  # the bottom layer's int32 links
+    nlist = re.search(r"IVF(\d+)", factory)
+    return num_rows * (per_vector + ID_BYTES) + (int(nlist.group(1)) if nlist else 0) * dim * 4
+
+
+def mergeable_on_disk(factory: str) -> bool:
+    """Whether FAISS can merge partial indexes of `factory` into on-disk inverted lists:
+    IVF with plain codes (fast-scan codes are packed in blocks; refine keeps a copy in memory)."""
+    return "IVF" in factory and not re.search(r"fs\b|fsr\b|PQR|RFlat|Refine", factory)
 
 
 def build_index(spec: FaissSpec, vectors: np.ndarray | Sequence[np.ndarray], seed: int = 0, num_threads: int = 0):
@@ -169,13 +252,15 @@ def set_search_parameters(index, spec: FaissSpec) -> None:
             refine.k_factor = spec.k_factor
 
 
-def search_index(index, queries: np.ndarray, corpus_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index, queries: np.ndarray, corpus_ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) [B, k] sorted by (score desc, id asc); a slot FAISS could not fill
-    (fewer than k candidates reached) has id -1 and score -inf, and sorts last."""
+    (fewer than k candidates reached) has id -1 and score -inf, and sorts last. FAISS's
+    labels are positions in `corpus_ids`, or (None) the ids themselves."""
     k = min(k, index.ntotal)
     scores, positions = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     missing = positions < 0
-    ids = np.where(missing, -1, corpus_ids[np.where(missing, 0, positions)])
+    labels = positions if corpus_ids is None else corpus_ids[np.where(missing, 0, positions)]
+    ids = np.where(missing, -1, labels)
     scores = np.where(missing, -np.inf, scores).astype(np.float32)
     # Missing slots last, then the house order; lexsort's last key is the primary one.
     order = np.lexsort((ids, -scores, missing), axis=1)

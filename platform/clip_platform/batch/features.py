@@ -11,6 +11,7 @@ file and, for JSONL, the line.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -67,7 +68,9 @@ class Features:
 # ---------------------------------------------------------------- locating files
 
 def feature_files(path: str | os.PathLike) -> list[Path]:
-    """The feature files at `path`: the file itself, or a directory's *.parquet / *.jsonl sorted by name."""
+    """The feature files at `path`: the file itself, a directory's *.parquet / *.jsonl sorted by
+    name, or what a glob pattern matches (`features/*/images`, `shards/part-*.parquet`), in the
+    order of the sorted matches."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -75,6 +78,12 @@ def feature_files(path: str | os.PathLike) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FEATURE_SUFFIXES)
         if not files:
             raise ValueError(f"feature directory {path} holds no *.parquet or *.jsonl files")
+        return files
+    if any(c in str(path) for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(str(path)))
+        files = [f for m in matches if m.is_dir() or m.suffix in FEATURE_SUFFIXES for f in feature_files(m)]
+        if not files:
+            raise FileNotFoundError(f"no *.parquet or *.jsonl feature files match {path}")
         return files
     raise FileNotFoundError(f"feature file or directory {path} does not exist")
 
@@ -264,6 +273,7 @@ class FeatureShard:
     row_groups: tuple[int, ...] | None = None  # None: the whole file
     num_rows: int = -1  # -1: unknown until read (JSONL)
     id_key: str | None = None  # JSONL id field expected
+    first_row: int = 0  # row of the file where the shard starts (the rows of the row groups before it)
 
     def read(self) -> Features:
         path = Path(self.path)
@@ -272,6 +282,18 @@ class FeatureShard:
         features = read_parquet_features(path, self.row_groups)
         check_finite(features, self.path)
         return features
+
+    def read_paths(self) -> list[str] | None:
+        """The shard's `path` column (the names the embed job keeps for string-named records,
+        such as webdataset keys), aligned with `read()`; None where the file has none (JSONL)."""
+        if not is_parquet(Path(self.path)):
+            return None
+        file = pq.ParquetFile(self.path)
+        if "path" not in file.schema_arrow.names:
+            return None
+        table = file.read(columns=["path"]) if self.row_groups is None \
+            else file.read_row_groups(list(self.row_groups), columns=["path"])
+        return table.column("path").to_pylist()
 
 
 def plan_shards(path: str | os.PathLike, max_rows: int, id_key: str | None = None) -> list[FeatureShard]:
@@ -292,16 +314,16 @@ def _parquet_shards(file: Path, max_rows: int) -> list[FeatureShard]:
         meta = pq.ParquetFile(file).metadata
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{file} is not a readable Parquet file: {exc}") from None
-    shards, groups, rows = [], [], 0
+    shards, groups, rows, first = [], [], 0, 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if groups and rows + n > max_rows:
-            shards.append(FeatureShard(str(file), tuple(groups), rows))
-            groups, rows = [], 0
+            shards.append(FeatureShard(str(file), tuple(groups), rows, first_row=first))
+            groups, rows, first = [], 0, first + rows
         groups.append(g)
         rows += n
     if groups:
-        shards.append(FeatureShard(str(file), tuple(groups), rows))
+        shards.append(FeatureShard(str(file), tuple(groups), rows, first_row=first))
     return shards
 
 

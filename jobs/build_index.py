@@ -1,0 +1,33 @@
+"""Build a persistent, memory-mapped retrieval index over feature shards, on the cluster
+and in bounded memory: the index chosen from the corpus size and --max-index-memory (or
+named), trained on a streamed sample, filled by parallel tasks and merged onto disk, its
+search parameters tuned to --recall-target; an interrupted build resumes.
+
+    ray job submit --working-dir . -- python jobs/build_index.py \
+        --features features/corpus/images --output indexes/corpus [--max-index-memory 4GB] \
+        [--index auto|flat|hnsw|ivf|FACTORY] [--num-shards N] [--recall-target 0.95]
+
+Features: folders of the embed job's Parquet shards, globs, Parquet files or cn_clip's
+feature JSONL. Search it with clip_platform.index.open_index(DIR).search(queries, k).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from clip_platform import cli, config
+from clip_platform.index import IndexConfig
+from clip_platform.index.build import build_index
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = config.parser(IndexConfig, __doc__.split("\n\n")[0])
+    # --features takes several paths (config.parser makes one-value flags): widen that one flag.
+    next(action for action in parser._actions if action.dest == "features").nargs = "+"
+    report = build_index(config.from_args(IndexConfig, parser.parse_args(argv)))
+    print(json.dumps(asdict(report)))
+
+
+if __name__ == "__main__":
+    cli.run(main)

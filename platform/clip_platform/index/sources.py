@@ -1,0 +1,62 @@
+"""What an index is built from: the feature files behind --features, cut into shards
+(one encoding task each), with their sizes and the model the embed job recorded."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..batch.embed_store import PLAN_FILE
+from ..batch.features import FeatureShard, feature_files, plan_shards
+
+
+@dataclass(frozen=True)
+class Inputs:
+    shards: list[FeatureShard]
+    sources: list[dict[str, Any]]  # {"path", "bytes", "mtime_ns"} per feature file, in shard order
+    model: dict[str, Any] | None  # the embed job's model fingerprint, when its _plan.json is beside the files
+    shard_sources: list[int]  # each shard's file, as a position in `sources`
+
+    @property
+    def known_rows(self) -> int | None:
+        """Rows of the whole input when the Parquet footers tell (JSONL must be read to count)."""
+        return None if any(s.num_rows < 0 for s in self.shards) else sum(s.num_rows for s in self.shards)
+
+
+def plan_inputs(paths: Sequence[str], rows_per_shard: int) -> Inputs:
+    """Every feature file of `paths` (folders, globs, files), each once, cut into shards."""
+    files: list[Path] = []
+    for path in paths:
+        files += feature_files(path)
+    seen: dict[Path, Path] = {}
+    for file in files:
+        if file.resolve() in seen:
+            raise ValueError(f"feature file {file} is given twice by --features; its ids would be indexed twice")
+        seen[file.resolve()] = file
+    shards, shard_sources = [], []
+    for number, file in enumerate(files):
+        shards += plan_shards(file, rows_per_shard)
+        shard_sources += [number] * (len(shards) - len(shard_sources))
+    sources = [{"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    return Inputs(shards, sources, embed_model(files), shard_sources)
+
+
+def embed_model(files: Sequence[Path]) -> dict[str, Any] | None:
+    """The model fingerprint the embed job recorded in the folders holding `files`. Features of
+    two models live in two spaces, so an index over both would rank nonsense: an error."""
+    models: dict[str, tuple[Path, dict]] = {}
+    for folder in dict.fromkeys(f.parent for f in files):
+        try:
+            plan = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # no plan (cn_clip's files, hand-made shards): nothing recorded
+        model = plan.get("settings", {}).get("model") if isinstance(plan, dict) else None
+        if model:
+            models.setdefault(json.dumps(model, sort_keys=True), (folder, model))
+    if len(models) > 1:
+        (a, first), (b, second) = list(models.values())[:2]
+        raise ValueError(f"features in {a} were embedded by {first.get('name')} ({first.get('source')}), "
+                         f"those in {b} by {second.get('name')} ({second.get('source')}): one index, one model")
+    return next(iter(models.values()))[1] if models else None

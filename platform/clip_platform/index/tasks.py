@@ -1,0 +1,162 @@
+"""The Ray tasks of an index build. Each holds one feature shard (or the training sample,
+or one index shard's mapped partials) and writes its result to the build folder itself,
+atomically, so a retried task (its node was lost) or a resumed build redoes only what is
+missing. What they return is small: counts, and the node that did the work."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from ..batch.faiss_index import MAX_TRAIN_BYTES
+from ..batch.features import FeatureShard, check_unique_ids
+from ..batch.knn import recall_at_k
+from ..batch.runtime import node_id
+from ..batch.topk import exact_topk
+from ..io import atomic_path
+from .metadata import merge_id_runs, write_id_run
+from .search import ServedIndex
+from .tune import tune
+
+RETRIES = 3  # system failures (a node or worker lost); user errors are never retried
+
+
+def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        np.savez(out, **arrays)
+
+
+def _write_index(index, path: Path) -> None:
+    import faiss
+
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, tmp)
+
+
+def new_index(factory: str, dim: int):
+    """An empty FAISS index of `factory` over inner products; a bad factory string is the user's error."""
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS cannot build {factory!r}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def sample_rows(dim: int, extra: int) -> int:
+    """Rows of the training pool: the training sample's byte budget, plus the tuning queries."""
+    return MAX_TRAIN_BYTES // (4 * dim) + extra
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def scan_shard(shard: FeatureShard, source: int, run_path: Path, sample_path: Path, known_rows: int | None,
+               extra_rows: int, seed: int, number: int) -> dict:
+    """Check one shard, write its sorted id run, and keep its rows of smallest random key:
+    across all shards, the pool's smallest keys are a uniform sample of the corpus."""
+    features = shard.read()
+    check_unique_ids(features.ids, shard.path)  # row-group shards are read unchecked
+    write_id_run(run_path, features.ids, source, shard.first_row, shard.read_paths())
+    keys = np.random.default_rng([seed, number]).random(len(features))
+    cap = sample_rows(max(1, features.dim), extra_rows)
+    # With the corpus size known, a row can only be among the pool's smallest keys with a key under
+    # about cap / N: twice that keeps every candidate while shipping ~2x the pool, not every shard's cap.
+    pick = np.flatnonzero(keys < (min(1.0, 2 * cap / known_rows) if known_rows else 1.0))
+    pick = pick[np.argsort(keys[pick], kind="stable")[:cap]]
+    _save_arrays(sample_path, keys=keys[pick], vectors=features.vectors[pick])
+    return {"rows": len(features), "dim": features.dim, "node": node_id()}
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def merge_metadata(runs: Sequence[Path], sources: Sequence[str], directory: Path) -> int:
+    return merge_id_runs(runs, sources, directory)
+
+
+@ray.remote(max_retries=RETRIES)
+def train(factory: str, dim: int, samples: Sequence[Path], num_queries: int, train_rows: int, trained_path: Path,
+          queries_path: Path, threads: int) -> int:
+    """Draw the tuning queries and the training rows from the pooled shard samples (disjoint:
+    the queries are held out), train an empty index and write it; returns the rows trained on."""
+    import faiss
+
+    want = num_queries + train_rows
+    keys, vectors = np.zeros(0), np.zeros((0, dim), np.float32)
+    for path in samples:  # a running pool of the smallest keys: memory stays at two pools
+        with np.load(path) as part:
+            keys, vectors = np.concatenate([keys, part["keys"]]), np.concatenate([vectors, part["vectors"]])
+        keep = np.argsort(keys, kind="stable")[:want]
+        keys, vectors = keys[keep], vectors[keep]
+    with atomic_path(queries_path) as tmp, open(tmp, "wb") as out:
+        np.save(out, vectors[:num_queries])
+    index = new_index(factory, dim)
+    if not index.is_trained:
+        faiss.omp_set_num_threads(threads)
+        index.train(np.ascontiguousarray(vectors[num_queries:]))
+    _write_index(index, trained_path)
+    return len(vectors) - num_queries
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def encode_shard(shard: FeatureShard, queries_path: Path, exact_path: Path, k: int, trained_path: Path | None,
+                 part_path: Path | None) -> dict:
+    """The exact top-k of the tuning queries over this shard (their ground truth, merged over
+    shards by the driver) and, for on-disk indexes, the shard's partial index."""
+    import faiss
+
+    features = shard.read()
+    scores, ids = exact_topk(np.load(queries_path), features.vectors, features.ids, k)
+    _save_arrays(exact_path, scores=scores, ids=ids)
+    if part_path is not None and len(features):
+        index = faiss.read_index(str(trained_path))
+        index.add_with_ids(features.vectors, features.ids)
+        _write_index(index, part_path)
+    return {"rows": len(features), "node": node_id()}
+
+
+@ray.remote(max_retries=RETRIES)
+def build_whole(shards: Sequence[FeatureShard], trained_path: Path, index_path: Path, threads: int) -> int:
+    """An index FAISS cannot merge on disk (HNSW, fast-scan codes), filled shard by shard in one
+    task: it holds the whole index, as served."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.read_index(str(trained_path))
+    for shard in shards:
+        features = shard.read()
+        index.add_with_ids(features.vectors, features.ids)
+    _write_index(index, index_path)
+    return int(index.ntotal)
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def merge_parts(trained_path: Path, parts: Sequence[Path], index_path: Path, ivfdata_path: Path) -> int:
+    """One index shard: the partial indexes' inverted lists merged into one on-disk file (read
+    memory-mapped, so the task holds no codes), and the index that maps it."""
+    from faiss.contrib.ondisk import merge_ondisk
+    import faiss
+
+    index = faiss.read_index(str(trained_path))
+    ivfdata_path.unlink(missing_ok=True)  # a file left by an interrupted merge
+    merge_ondisk(index, [str(p) for p in parts], str(ivfdata_path))
+    _write_index(index, index_path)
+    return int(index.ntotal)
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def tune_index(directory: Path, manifest: dict, queries_path: Path, exact_ids: np.ndarray, target: float,
+               k: int) -> dict:
+    index = ServedIndex(directory, manifest)
+    queries = np.load(queries_path)
+
+    def recall_of(params: dict[str, int]) -> float:
+        index.set_parameters(params)
+        return recall_at_k(index.search(queries, k)[1], exact_ids)
+
+    tuned = tune(manifest["factory"], recall_of, target, k)
+    return {"params": tuned.params, "recall": tuned.recall, "trials": tuned.trials}
+
+
+def file_bytes(paths: Sequence[Path]) -> int:
+    return sum(os.path.getsize(p) for p in paths)
