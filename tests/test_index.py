@@ -80,6 +80,8 @@ def test_metadata_runs_merge_sorted_and_are_looked_up_by_row_group(tmp_path, mon
 def test_flat_index_returns_the_exact_top_k(ray_local, tmp_path):
     corpus = clustered(900, seed=2)
     write_shards(tmp_path / "a", corpus.slice(0, 400), 2)
+    model = {"source": "ViT-B-16", "name": "ViT-B-16@RoBERTa-wwm-ext-base-chinese", "files": []}
+    (tmp_path / "a" / "_plan.json").write_text(json.dumps({"settings": {"model": model, "precision": "fp32"}}))
     table = features_table(corpus.slice(400, 700))  # the embed job's shards of string-named records
     table = table.append_column("path", pa.array([f"img/{i}.jpg" for i in corpus.ids[400:700]]))
     (tmp_path / "b").mkdir()
@@ -100,6 +102,7 @@ def test_flat_index_returns_the_exact_top_k(ray_local, tmp_path):
     assert (manifest["count"], manifest["metric"], manifest["layout"]) == (900, "inner_product", "ondisk")
     assert [s["rows"] for s in manifest["sources"]] == [200, 200, 300, 200]
     assert manifest["sources"][3]["bytes"] == (tmp_path / "c.jsonl").stat().st_size
+    assert manifest["model"] == model  # what the embed job recorded beside its shards
     assert not (tmp_path / "index" / "_build").exists()
     found = metadata.Metadata(config.output).lookup(corpus.ids[[0, 450, 899]])
     assert found[corpus.ids[450]] == {"file": str(tmp_path / "b" / "part-00000.parquet"), "row": 50,
@@ -174,3 +177,19 @@ def test_a_bad_features_path_is_one_line_and_exit_2(tmp_path, capsys, path, mess
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].endswith(f": error: {message.format(tmp=tmp_path)}")
+
+
+def test_knn_job_searches_a_built_index_with_cn_clip_flags(ray_local, tmp_path):
+    images, texts = clustered(500, seed=7), clustered(40, seed=8, first_id=10_000)
+    write_shards(tmp_path / "images", images, 2)
+    write_features_jsonl(tmp_path / "texts.jsonl", texts, "text_id")
+    build_index(IndexConfig(str(tmp_path / "images"), str(tmp_path / "index")))
+    out = tmp_path / "predictions.jsonl"
+    load_job("knn").main(["--text-feats", str(tmp_path / "texts.jsonl"), "--index", str(tmp_path / "index"),
+                          "--output", str(out), "--top-k", "5", "--query-block-size", "16"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["text_id"] for line in lines] == texts.ids.tolist()
+    assert [line["image_ids"] for line in lines] == exact_topk(texts.vectors, images.vectors, images.ids, 5)[1].tolist()
+    with pytest.raises(ValueError, match="--index must be exact, faiss or the directory of an index"):
+        load_job("knn").main(["--text-feats", str(tmp_path / "texts.jsonl"), "--index", str(tmp_path / "nope"),
+                              "--output", str(out)])

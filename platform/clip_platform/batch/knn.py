@@ -1,5 +1,6 @@
 """Top-k retrieval over the cluster: cn_clip's make_topk_predictions.py (t2i) and
-make_topk_predictions_tr.py (i2t), exact or with a FAISS index.
+make_topk_predictions_tr.py (i2t), exact, with a FAISS index, or with an index
+built by jobs/build_index.py.
 
 Exact: the corpus is loaded once into the object store as shards (Parquet row
 groups read by tasks, so the driver never holds the corpus); every query block x
@@ -11,10 +12,15 @@ window and predictions are written in query order.
 FAISS: an actor builds the index chosen for the corpus size and searches the
 query blocks; then the recall of its results against exact search is measured
 on a random sample of queries and reported.
+
+A built index (`--index DIR`): the corpus is the index, so only the query
+features are read; each query block is a task that memory-maps the index and
+searches it with the parameters its build tuned (their recall is in its manifest).
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +31,7 @@ import numpy as np
 import ray
 
 from .. import config as config_io
+from ..index.search import open_index, read_manifest
 from .faiss_index import FaissSpec, build_index, choose_index, search_index
 from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
 from .predictions import KEYS, MODES, PredictionWriter, check_mode
@@ -33,18 +40,18 @@ from .topk import exact_topk, merge_topk
 
 log = logging.getLogger(__name__)
 
-INDEXES = ("exact", "faiss")
+INDEXES = ("exact", "faiss")  # or the directory of a built index
 
 
 @dataclass(frozen=True)
 class KnnConfig:
-    image_feats: str  # image features: cn_clip JSONL, a Parquet file, or a directory of shards
-    text_feats: str  # text features, same formats
-    output: str  # predictions JSONL
+    image_feats: str = ""  # image features: cn_clip JSONL, a Parquet file, or a directory of shards
+    text_feats: str = ""  # text features, same formats (the corpus side is not needed with --index DIR)
+    output: str = ""  # predictions JSONL
     top_k: int = 10  # ids predicted per query
     eval_batch_size: int = 32768  # corpus rows scored per matrix product inside a task (cn_clip's flag)
     mode: Literal[MODES] = "t2i"  # t2i: texts query images; i2t: images query texts
-    index: Literal[INDEXES] = "exact"  # exact, or faiss (approximate, for corpora too big for exact search)
+    index: str = "exact"  # exact; faiss (a temporary approximate index); or DIR, an index built by jobs/build_index.py
     query_block_size: int = 4096  # queries per Ray task
     corpus_shard_size: int = 131072  # corpus rows per shard (Parquet: whole row groups; JSONL: one file)
     max_inflight_blocks: int = 4  # query blocks in flight: bounds driver and object-store memory
@@ -57,10 +64,12 @@ class KnnConfig:
 
     def __post_init__(self):
         check_mode(self.mode)
-        if self.index not in INDEXES:
-            raise ValueError(f"index must be one of {', '.join(INDEXES)}, got {self.index!r}")
+        if self.index not in INDEXES and not os.path.isdir(self.index):
+            raise ValueError(f"--index must be exact, faiss or the directory of an index built by "
+                             f"jobs/build_index.py; {self.index!r} is neither")
+        corpus = "image_feats" if self.mode == "t2i" else "text_feats"
         for name in ("image_feats", "text_feats", "output"):
-            if not getattr(self, name):
+            if not getattr(self, name) and not (name == corpus and self.built_index):
                 raise ValueError(f"--{name.replace('_', '-')} is required")
         for name in ("top_k", "eval_batch_size", "query_block_size", "corpus_shard_size", "max_inflight_blocks"):
             if getattr(self, name) < 1:
@@ -71,6 +80,11 @@ class KnnConfig:
         config_io.check_not_empty(self.image_feats, "--image-feats")
         config_io.check_not_empty(self.text_feats, "--text-feats")
         config_io.check_output(self.output, "--output")
+
+    @property
+    def built_index(self) -> str | None:
+        """The directory of a built index to search, or None (exact, faiss)."""
+        return None if self.index in INDEXES else self.index
 
     @property
     def query_path(self) -> str:
@@ -134,6 +148,12 @@ def _partial_topk(queries: np.ndarray, shard: Features, k: int, chunk_rows: int)
 def _merge(k: int, *parts):
     scores, ids = merge_topk([(scores, ids) for scores, ids, _ in parts], k)
     return scores, ids, tuple(sorted({node for *_, nodes in parts for node in nodes}))
+
+
+@ray.remote(num_cpus=1, max_retries=RETRIES)
+def _search_built(directory: str, queries: np.ndarray, k: int):
+    scores, ids = open_index(directory).search(queries, k)
+    return scores, ids, (node_id(),)
 
 
 @ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
@@ -228,6 +248,27 @@ class FaissSearch:
         ray.kill(self.actor)  # frees its CPUs for the exact recall check
 
 
+class BuiltIndexSearch:
+    """Query block -> ObjectRef of (scores, ids, node ids): a task per block memory-maps the
+    index (jobs/build_index.py's folder, which every node must see) and searches it."""
+
+    build_seconds = 0.0
+
+    def __init__(self, directory: str, k: int):
+        manifest = read_manifest(directory)
+        self.num_rows, self.dim = manifest["count"], manifest["dim"]  # stands for the corpus, too
+        self.directory, self.k = directory, min(k, self.num_rows)
+        self.description = f"index {directory}: {manifest['factory']} {manifest['search_parameters']}"
+        log.info("%s, recall@%d %.3f on held-out corpus vectors", self.description, manifest["recall"]["k"],
+                 manifest["recall"]["reached"])
+
+    def submit(self, block: Features):
+        return _search_built.remote(self.directory, block.vectors, self.k)
+
+    def close(self) -> None:
+        pass
+
+
 def faiss_cpus(requested: int) -> int:
     """CPUs for the FAISS actor: `requested`, or (0) every CPU of the largest node. An
     actor bigger than every node would wait forever, so that is a user error."""
@@ -292,7 +333,8 @@ def knn_search(config: KnnConfig) -> KnnReport:
     """Write the top-k predictions of every query to `config.output` (cn_clip's JSONL)."""
     ensure_ray()
     start = time.perf_counter()
-    corpus = load_corpus(config.corpus_path, config.corpus_key, config.corpus_shard_size)
+    built = BuiltIndexSearch(config.built_index, config.top_k) if config.built_index else None
+    corpus = built or load_corpus(config.corpus_path, config.corpus_key, config.corpus_shard_size)
     loaded = time.perf_counter()
     k = min(config.top_k, corpus.num_rows)
     if k < config.top_k:
@@ -300,8 +342,8 @@ def knn_search(config: KnnConfig) -> KnnReport:
                     config.top_k)
     blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
                              corpus.dim, config.query_path)
-    exact = ExactSearch(corpus, k, config.eval_batch_size)
-    search = exact if config.index == "exact" else FaissSearch(corpus, k, config)
+    exact = None if built else ExactSearch(corpus, k, config.eval_batch_size)
+    search = built or (exact if config.index == "exact" else FaissSearch(corpus, k, config))
     sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
     searched = time.perf_counter()
     nodes: set[str] = set()

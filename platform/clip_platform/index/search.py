@@ -49,10 +49,14 @@ class ServedIndex:
         return parts[0] if len(parts) == 1 else merge_topk(parts, k)
 
 
-def open_index(directory: str | os.PathLike) -> ServedIndex:
-    """The finished index in `directory` (jobs/build_index.py's output)."""
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the finished index in `directory` (jobs/build_index.py's output)."""
     manifest = BuildDir(directory).manifest()
     if manifest is None:
         raise FileNotFoundError(f"{directory} holds no finished index (no manifest.json); build it with "
                                 f"jobs/build_index.py")
-    return ServedIndex(directory, manifest)
+    return manifest
+
+
+def open_index(directory: str | os.PathLike) -> ServedIndex:
+    return ServedIndex(directory, read_manifest(directory))
