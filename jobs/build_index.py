@@ -22,10 +22,8 @@ from clip_platform.index.build import build_index
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = config.parser(IndexConfig, __doc__.split("\n\n")[0])
-    # --features takes several paths (config.parser makes one-value flags): widen that one flag.
-    next(action for action in parser._actions if action.dest == "features").nargs = "+"
-    report = build_index(config.from_args(IndexConfig, parser.parse_args(argv)))
+    args = config.parser(IndexConfig, __doc__.split("\n\n")[0]).parse_args(argv)
+    report = build_index(config.from_args(IndexConfig, args))
     print(json.dumps(asdict(report)))
 
 

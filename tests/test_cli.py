@@ -210,3 +210,14 @@ def test_serve_flags_come_from_serve_config(capsys):
     for f in dataclasses.fields(ServeConfig):
         if f.name != "checkpoints":  # --checkpoint [name=]PATH, repeated
             assert f"--{f.name.replace('_', '-')}" in listed or f"--no-{f.name.replace('_', '-')}" in listed
+
+
+def test_a_tuple_field_first_takes_several_values_a_str_first_one():
+    @dataclass(frozen=True)
+    class Paths:
+        features: tuple[str, ...] | str  # one or more paths
+        splits: str | tuple[str, ...] = "train"  # comma separated, one value
+
+    args = config.parser(Paths).parse_args(["--features", "a", "b", "--splits", "train,valid"])
+    built = config.from_args(Paths, args)
+    assert built.features == ("a", "b") and built.splits == "train,valid"

@@ -80,7 +80,7 @@ def parser(cls: type, description: str | None = None, positional: tuple[str, ...
                                   argument_default=argparse.SUPPRESS)
     hints, comments = _hints(cls), _comments(cls)
     for f in dataclasses.fields(cls):
-        kind, choices = _flag_type(hints[f.name])
+        kind, choices, several = _flag_type(hints[f.name])
         if kind is dict:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -99,7 +99,7 @@ def parser(cls: type, description: str | None = None, positional: tuple[str, ...
         else:
             # short values, as each flag is listed twice: `--img-batch-size N, --img_batch_size N`
             metavar = None if choices else _METAVARS.get(kind) or f.name.rsplit("_", 1)[-1].upper()
-            options.update(type=kind, choices=choices, metavar=metavar,
+            options.update(type=kind, choices=choices, metavar=metavar, nargs="+" if several else None,
                            required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         out.add_argument(*names, dest=f.name, **options)
     return out
@@ -138,16 +138,21 @@ def _members(kind: Any) -> tuple[Any, ...]:
     return (kind,)
 
 
-def _flag_type(kind: Any) -> tuple[Any, tuple | None]:
-    """(argparse type, choices) of a field type: the first of bool/int/float/str/Literal in it."""
+def _flag_type(kind: Any) -> tuple[Any, tuple | None, bool]:
+    """(argparse type, choices, several values) of a field type: the first of bool/int/float/
+    str/Literal/tuple[X, ...] in it. A tuple first (`tuple[str, ...] | str`) makes a flag that
+    takes one or more values; a str first (`str | tuple[str, ...]`) keeps one value."""
     for member in _members(kind):
+        if typing.get_origin(member) is tuple and typing.get_args(member)[1:] == (Ellipsis,):
+            item, choices, _ = _flag_type(typing.get_args(member)[0])
+            return item, choices, True
         if typing.get_origin(member) is Literal:
             choices = typing.get_args(member)
-            return type(choices[0]), choices
+            return type(choices[0]), choices, False
         if member in (bool, int, float, str):
-            return member, None
+            return member, None, False
         if member is dict or typing.get_origin(member) is dict:
-            return dict, None
+            return dict, None, False
     raise TypeError(f"no command-line form for a field of type {kind}")
 
 

@@ -72,7 +72,8 @@ class PieceDatasource(Datasource):
                 for piece in self.pieces(parallelism)]
 
 
-def _blocks(rows: Iterable[tuple], schema: pa.Schema, block_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
+def _blocks(rows: Iterable[tuple], schema: pa.Schema, block_bytes: int = BLOCK_BYTES,
+            block_rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
     """Group row tuples (in schema order) into Arrow tables of bounded size."""
     columns: list[list] = [[] for _ in schema.names]
     size = 0
@@ -80,7 +81,7 @@ def _blocks(rows: Iterable[tuple], schema: pa.Schema, block_bytes: int = BLOCK_B
         for column, value in zip(columns, row):
             column.append(value)
         size += sum(len(v) for v in row if isinstance(v, (bytes, str))) + 8 * len(row)
-        if size >= block_bytes or len(columns[0]) >= BLOCK_ROWS:
+        if size >= block_bytes or len(columns[0]) >= block_rows:
             yield pa.Table.from_arrays(columns, schema=schema)
             columns, size = [[] for _ in schema.names], 0
     if columns[0]:

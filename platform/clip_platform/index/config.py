@@ -23,7 +23,7 @@ def parse_bytes(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    features: str | tuple[str, ...]  # feature PATH(s): embed shard folders, globs, Parquet or cn_clip JSONL files
+    features: tuple[str, ...] | str  # feature PATH(s): embed shard folders, globs, Parquet or cn_clip JSONL files
     output: str  # index directory (an interrupted build of the same input resumes there)
     index: str = "auto"  # auto (from corpus size and --max-index-memory), flat, hnsw, ivf, or a faiss factory string
     max_index_memory: str = "4GB"  # memory the served index may take (codes and ids); more splits it in shards

@@ -4,7 +4,7 @@ The plan (plan.py) fixes which pair indices a worker consumes. `open_pairs` give
 random access to the dataset (a cn_clip LMDB split, a clip-pytorch caption JSON,
 or webdataset shards) and `PlannedPairsDatasource` reads the plan's index blocks in
 Ray read tasks anywhere in the cluster; `SampleDecoder` decodes and transforms them
-there with the data plane's `decode_batch`, and the stream comes back in plan order
+in the same tasks with the data plane's `decode_batch`, and the stream comes back in plan order
 (preserve_order), so training is exactly reproducible and resumable. Bad records keep
 their slot with `valid=False` (shapes stay static for all_gather) and are excluded
 from the loss and counted.
@@ -64,10 +64,8 @@ def stream_batches(pairs, decoder: SampleDecoder, indices: np.ndarray, batch_siz
     context.execution_options.preserve_order = True  # the plan's order is the training order
     context.enable_progress_bars = False
     num_blocks = min(BLOCKS_PER_EPOCH, max(1, len(indices) // batch_size))
-    source = PlannedPairsDatasource(pairs, np.array_split(indices.astype(np.int64), num_blocks))
+    source = PlannedPairsDatasource(pairs, np.array_split(indices.astype(np.int64), num_blocks), decoder, batch_size)
     # One read task per plan block: a larger parallelism would only make Ray split the blocks.
     dataset = ray.data.read_datasource(source, override_num_blocks=num_blocks, concurrency=concurrency,
                                        num_cpus=DECODE_CPUS)
-    dataset = dataset.map_batches(decoder, batch_size=batch_size, batch_format="numpy",
-                                  compute=ray.data.TaskPoolStrategy(size=concurrency), num_cpus=DECODE_CPUS)
     yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
