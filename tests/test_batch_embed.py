@@ -448,3 +448,12 @@ def test_config_validates_user_mistakes():
     with pytest.raises(ValueError, match="rows_per_shard"):
         EmbedConfig(extract_image_feats=True, resume="x.pt", rows_per_shard=0)
     assert stable_id("123.jpg") == 123 and stable_id("a/123.jpg") != 123 and stable_id("x.png") == stable_id("x.png")
+
+
+def test_webdataset_corpus_rows_are_estimated_from_the_shards(tmp_path):
+    """--compile auto and the progress figures need a row estimate: samples, not shard files."""
+    from clip_platform.batch.embed_source import plan_corpus
+
+    write_tar_shards(tmp_path, [(f"{i:06d}", jpeg((i, i, i)), "文字") for i in range(30)], per_shard=10)
+    plan = plan_corpus(f"{tmp_path}/*.tar", IMAGES, rows_per_shard=10000)
+    assert plan.num_shards == 3 and 24 <= plan.estimated_rows <= 36

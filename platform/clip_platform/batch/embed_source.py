@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +34,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from ..data import image_source, lmdb_io, text_source
 from ..data.files import COMPRESSED_SUFFIXES
+from ..data.webdataset import TarIndex
 from ..data.records import BadRecord, stable_id
 from ..data.sources import Piece, PieceDatasource
 
@@ -185,6 +187,17 @@ def _estimate_lines(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> int:
     return max(1, round(total * lines / max(1, len(sample))))
 
 
+def _estimate_samples(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> int:
+    """Samples in tar shards, from the first shard's member headers (a seek per member, no
+    data read) scaled by bytes: img2dataset's shards hold about equal samples."""
+    try:
+        first = TarIndex.scan(fs, infos[0].path)
+    except (OSError, EOFError, tarfile.TarError):  # unreadable: its read task reports it, by name
+        return len(infos)
+    per_byte = (len(first) + first.num_incomplete) / max(1, infos[0].size or 1)
+    return max(len(infos), round(per_byte * sum(i.size or 0 for i in infos)))
+
+
 def _files_corpus(found: Any, path: str) -> _Corpus:
     """A corpus of files: rows estimated from line density (TSV, JSONL), one per image file,
     or a shard per tar file (webdataset shards are the unit img2dataset sizes)."""
@@ -194,7 +207,7 @@ def _files_corpus(found: Any, path: str) -> _Corpus:
         compressed = sum(i.path.lower().endswith(COMPRESSED_SUFFIXES) for i in infos)
         return _Corpus(found.datasource, _estimate_lines(fs, infos), fingerprint, compressed)
     if found.kind == "webdataset":
-        return _Corpus(found.datasource, len(infos), fingerprint, len(infos))
+        return _Corpus(found.datasource, _estimate_samples(fs, infos), fingerprint, len(infos))
     return _Corpus(found.datasource, len(infos), fingerprint)
 
 

@@ -197,7 +197,7 @@ def count_pairs(path: str | os.PathLike) -> int:
     return len(open_pairs(path))
 
 
-def _slot_rows(pairs: Any, indices: np.ndarray, bad: list[BadRecord]) -> Iterator[tuple]:
+def _slot_rows(pairs: Any, indices: np.ndarray) -> Iterator[tuple]:
     with pairs.reader() as read:
         for index in indices.tolist():
             record = read(index)
@@ -212,7 +212,7 @@ def _read_slots(pairs: Any, indices: np.ndarray, decode: Callable | None, rows_p
     # Bad pairs travel in their rows (`error`), where the training loop counts them.
     from ray.data.block import BlockAccessor
 
-    for table in _blocks(_slot_rows(pairs, indices, []), SLOTS_SCHEMA, block_rows=rows_per_block):
+    for table in _blocks(_slot_rows(pairs, indices), SLOTS_SCHEMA, block_rows=rows_per_block):
         if decode is None:
             yield table
         else:
