@@ -142,16 +142,21 @@ def test_classify_and_search(service):
 
 
 @pytest.mark.parametrize("path, payload, status, message", [
-    ("/embed/text", {"texts": [""]}, 400, "non-empty"),
+    ("/embed/text", {"texts": [""]}, 422, "non-empty"),
+    ("/embed/text", {"texts": []}, 422, "at least 1"),
     ("/embed/text", {"texts": ["a"] * 9}, 413, "limit is 8"),
     ("/embed/text", {"texts": ["a"], "model": "nope"}, 404, "unknown model"),
     ("/embed/text", {"texts": ["x" * 2000]}, 413, "limit"),
-    ("/embed/image", {"images": ["%%%not base64"]}, 400, "base64"),
+    ("/embed/image", {"images": ["%%%not base64"]}, 422, "base64"),
     ("/embed/image", {"images": [b64(b"plain text, not an image")]}, 400, "not a readable image"),
     ("/embed/image", {"images": [b64(png(size=(2000, 2000)))]}, 400, "over the limit"),
-    ("/embed/image", {"images": [b64(b"x" * 300_000)]}, 400, "larger than"),
-    ("/search", {"text": "a", "image": b64(png())}, 400, "exactly one"),
-    ("/classify", {"image": b64(png()), "labels": ["a"], "templates": ["no placeholder"]}, 400, "{}"),
+    ("/embed/image", {"images": [b64(b"x" * 300_000)]}, 413, "larger than"),
+    ("/embed/image", {"images": "not a list"}, 422, "list"),
+    ("/search", {"text": "a", "image": b64(png())}, 422, "exactly one"),
+    ("/search", {"text": "a", "top_k": 0}, 422, "greater than"),
+    ("/classify", {"image": b64(png()), "labels": ["a"], "templates": ["no placeholder"]}, 422, "{}"),
+    ("/v1/embeddings", {"input": ["a", "data:image/png;base64,%%"]}, 422, "base64"),
+    ("/v1/embeddings", {"input": ["a"], "encoding_format": "hex"}, 422, "base64"),
     ("/embed/text", {"wrong": 1}, 422, ""),
 ])
 def test_bad_inputs_are_4xx_with_a_message(service, path, payload, status, message):
@@ -288,7 +293,7 @@ def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
             assert reply.status_code == 200, reply.text
             torch.testing.assert_close(torch.tensor(reply.json()["embeddings"][0]), expected, atol=1e-5, rtol=0)
         bad = requests.post(direct + "/embed/text", json={"texts": [""]}, timeout=60)
-        assert bad.status_code == 400 and "non-empty" in bad.text
+        assert bad.status_code == 422 and "non-empty" in bad.text
         assert "以文搜图" in requests.get(direct + "/", timeout=60).text
     finally:
         process.send_signal(signal.SIGINT)  # the CLI exits and Ray stops the processes it started

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from serve import _ray_compat
-from serve.app import ImageStore, ServeConfig, chunks, enable_direct_ingress, floats, gateway_urls, image_media_type, \
-    num_items
+from serve.app import enable_direct_ingress, gateway_urls
+from serve.batching import chunks, num_items
+from serve.config import ServeConfig
+from serve.images import ImageStore, image_media_type
+from serve.schemas import floats
 
 
 def test_config_checks_user_mistakes():

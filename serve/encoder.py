@@ -1,0 +1,143 @@
+"""The model replicas: texts and images to unit-length features, batched across requests
+with @serve.batch, several checkpoints multiplexed over the replicas."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+from ray import serve
+
+from .batching import num_items
+from .config import ServeConfig
+
+log = logging.getLogger("serve")
+
+
+@serve.deployment(name="Encoder")
+class Encoder:
+    """Model replica. Checkpoints are multiplexed: a request names one with the handle's
+    `multiplexed_model_id`, the replica loads it on first use and keeps the most recently
+    used `max_models_per_replica`. Texts and images queue separately; @serve.batch gathers
+    concurrent requests (each a list of items) and splits every batch by model."""
+
+    async def __init__(self, config: ServeConfig):
+        import torch
+        from ray.util import metrics
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.max_batch_seen = {"text": 0, "image": 0}
+        self.work = {"text_batches": 0, "texts": 0, "text_model_s": 0.0}  # what GET /models reports
+        self.batch_sizes = metrics.Histogram("clip_serve_batch_size", "items per model batch",
+                                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("kind",))
+        self._text_batch.set_max_batch_size(config.max_batch_size)
+        self._text_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._image_batch.set_max_batch_size(config.max_image_batch_size)
+        self._image_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+        async def load(name: str):
+            return await asyncio.to_thread(self._load, name)
+
+        # Wired here rather than as a decorator so the LRU size comes from the config.
+        self._model = serve.multiplexed(max_num_models_per_replica=config.max_models_per_replica)(load)
+        await self._model(config.default_model)  # a replica is ready once it can answer the default model
+
+    def _load(self, name: str):
+        import clip_models
+
+        log.info("loading model %r from %s", name, self.config.checkpoints[name])
+        model, preprocess = clip_models.load(self.config.checkpoints[name], device=self.device)
+        return model.eval(), preprocess
+
+    async def info(self) -> dict:
+        """The requested model's architecture (loads it if this replica does not hold it)."""
+        model, _ = await self._model(serve.get_multiplexed_model_id())
+        return {"struct": model.config.struct_name(), "embed_dim": model.config.embed_dim,
+                "image_size": model.image_size}
+
+    def stats(self) -> dict:
+        """This replica's batching so far: the largest batches, text batches and items, and the
+        seconds spent in tokenize + encode_text (the part an offline batch job also pays)."""
+        return {"max_batch_seen": dict(self.max_batch_seen), "torch_threads": _torch_threads(), **self.work}
+
+    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """Unit-length float32 features [N, D] and whether each text was truncated."""
+        return await self._text_batch(texts)
+
+    async def embed_images(self, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        """Unit-length float32 features [N, D]; errors[i] is a message for an unreadable image."""
+        return await self._image_batch(images)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=num_items)
+    async def _text_batch(self, requests: list[list[str]]) -> list[tuple[np.ndarray, list[bool]]]:
+        import torch
+
+        import clip_models
+        from clip_models.tokenizer import special_ids, token_ids
+
+        model, _ = await self._model(serve.get_multiplexed_model_id())
+        start = time.perf_counter()
+        texts = [clip_models.preprocess_text(t) for r in requests for t in r]
+        self._record("text", len(texts))
+        # Tokenize once without a limit: the full length tells truncation, then cut like cn_clip.
+        full = token_ids(texts, 10**6)
+        length = self.config.context_length
+        _, sep = special_ids()
+        rows = [ids if len(ids) <= length else ids[:length - 1] + [sep] for ids in full]
+        tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+        with torch.inference_mode():
+            features = clip_models.normalize_features(model.encode_text(tokens.to(self.device)).float())
+        features = features.cpu().numpy()
+        self.work["text_batches"] += 1
+        self.work["texts"] += len(texts)
+        self.work["text_model_s"] += time.perf_counter() - start
+        out, first = [], 0
+        for r in requests:
+            last = first + len(r)
+            out.append((features[first:last], [len(ids) > length for ids in full[first:last]]))
+            first = last
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=num_items)
+    async def _image_batch(self, requests: list[list[bytes]]) -> list[tuple[np.ndarray, list[str | None]]]:
+        import torch
+
+        import clip_models
+
+        model, preprocess = await self._model(serve.get_multiplexed_model_id())
+        images = [x for r in requests for x in r]
+        self._record("image", len(images))
+        pixels, good, errors = [], [], [None] * len(images)
+        for i, data in enumerate(images):
+            try:
+                pixels.append(preprocess(clip_models.decode_image(data, self.config.max_image_pixels)))
+                good.append(i)
+            except (ValueError, OSError) as exc:
+                errors[i] = str(exc)
+        features = np.zeros((len(images), model.config.embed_dim), np.float32)
+        if good:
+            with torch.inference_mode():
+                encoded = model.encode_image(torch.stack(pixels).to(self.device)).float()
+            features[good] = clip_models.normalize_features(encoded).cpu().numpy()
+        out, start = [], 0
+        for r in requests:
+            end = start + len(r)
+            out.append((features[start:end], errors[start:end]))
+            start = end
+        return out
+
+    def _record(self, kind: str, size: int) -> None:
+        self.max_batch_seen[kind] = max(self.max_batch_seen[kind], size)
+        self.batch_sizes.observe(size, tags={"kind": kind})
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
