@@ -9,7 +9,7 @@ import time
 import numpy as np
 from ray import serve
 
-from .batching import num_items
+from .batching import chunks, num_items
 from .config import ServeConfig
 
 log = logging.getLogger("serve")
@@ -71,6 +71,22 @@ class Encoder:
     async def embed_images(self, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
         """Unit-length float32 features [N, D]; errors[i] is a message for an unreadable image."""
         return await self._image_batch(images)
+
+    async def classify(self, labels: list[str], templates: list[str], image: bytes) -> tuple[list[float] | None, str | None]:
+        """Zero-shot probabilities of `labels` for the image, as jobs/zeroshot.py computes them
+        (clip_platform.batch.classifier), or None and why the image could not be read."""
+        import torch
+
+        from clip_platform.batch import classifier
+
+        texts = classifier.prompts(labels, templates)
+        parts = await asyncio.gather(self._image_batch([image]), *[
+            self._text_batch(c) for c in chunks(texts, self.config.max_batch_size)])
+        (image_features, errors), text_parts = parts[0], parts[1:]
+        if errors[0]:
+            return None, errors[0]
+        weights = classifier.class_weights(torch.from_numpy(np.concatenate([v for v, _ in text_parts])), len(labels))
+        return classifier.probabilities(torch.from_numpy(image_features), weights)[0].tolist(), None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=num_items)
     async def _text_batch(self, requests: list[list[str]]) -> list[tuple[np.ndarray, list[bool]]]:

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from clip_platform.batch.templates import PLACEHOLDER, fill
+from clip_platform.batch.templates import PLACEHOLDER, ZH_TEMPLATES
 
 from .batching import chunks
 from .config import ServeConfig
@@ -136,10 +136,14 @@ class Gateway:
         parts = await asyncio.gather(*[handle.embed_images.remote(c)
                                        for c in chunks(images, self.config.max_image_batch_size)])
         errors = [e for _, errs in parts for e in errs if e]
-        if errors:  # the Encoder could not decode it: the client sent something that is no image
-            self.metrics.rejected.inc(tags={"reason": "bad_image"})
-            raise HTTPException(400, errors[0])
+        if errors:
+            raise self._not_an_image(errors[0])
         return np.concatenate([v for v, _ in parts])
+
+    def _not_an_image(self, error: str) -> HTTPException:
+        """The Encoder could not decode it: the client sent something that is no image."""
+        self.metrics.rejected.inc(tags={"reason": "bad_image"})
+        return HTTPException(400, error)
 
     def _timed(self, route: str, start: float) -> None:
         self.metrics.requests.inc(tags={"route": route})
@@ -235,28 +239,23 @@ class Gateway:
 
     @api.post("/classify")
     async def classify(self, body: ClassifyRequest):
-        """Zero-shot: probabilities of each label, as in Chinese-CLIP's demo."""
+        """Zero-shot: the probability of each label, computed as jobs/zeroshot.py computes it
+        (by default with its Chinese prompt templates)."""
         start = time.perf_counter()
         model = self._model(body.model)
         self._count(len(body.labels), "labels")
-        templates = body.templates or [PLACEHOLDER]
+        templates = body.templates or list(ZH_TEMPLATES)
         # Sizes are checked before any prompt is built: a template may repeat {} many times.
         if len(body.labels) * len(templates) > self.config.max_prompts:
             raise self._too_large("too_many", f"{len(body.labels) * len(templates)} prompts (labels x templates); "
                                               f"the limit is {self.config.max_prompts}")
         longest = max(len(label) for label in body.labels)
         self._text_size(max(len(t) + t.count(PLACEHOLDER) * (longest - len(PLACEHOLDER)) for t in templates))
-        prompts = [fill(t, label) for label in body.labels for t in templates]
-        (text, _), image = await asyncio.gather(self._embed_texts(model, prompts),
-                                                self._embed_images(model, [body.image]))
-        classes = text.reshape(len(body.labels), len(templates), -1).mean(axis=1)
-        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-        scale = 100.0  # cn_clip's logit scale after training saturates at ln(100)
-        logits = scale * classes @ image[0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+        probs, error = await self.encoders[model].classify.remote(body.labels, templates, self._image_size(body.image))
+        if error:
+            raise self._not_an_image(error)
         self._timed("classify", start)
-        return {"model": model, "labels": body.labels, "probs": probs.tolist()}
+        return {"model": model, "labels": body.labels, "probs": probs}
 
     @api.post("/search")
     async def search(self, body: SearchRequest):

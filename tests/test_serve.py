@@ -26,6 +26,7 @@ from PIL import Image
 
 import clip_models
 from clip_platform.batch.features import Features
+from clip_platform.batch.templates import load_templates
 from conftest import TINY_VIT, start_local_ray
 from helpers import write_features_jsonl
 
@@ -139,6 +140,34 @@ def test_classify_and_search(service):
     image = requests.get(service[0] + "/images/101", timeout=30)
     assert image.headers["content-type"] == "image/png" and image.content == png("green")
     assert requests.get(service[0] + "/images/999", timeout=30).status_code == 404
+
+
+def noise_png(seed: int, size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_classify_gives_the_zero_shot_jobs_probabilities(service):
+    """Same image, labels and checkpoint: /classify and the zero-shot job's classifier and
+    mapper (its default Chinese templates and precision) agree to 1e-4."""
+    from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig, class_embeddings, decode_images
+
+    labels = ["红色的圆形", "蓝色的正方形", "绿色的三角形", "一只猫"]
+    checkpoint = SERVICE_CHECKPOINTS["other"]
+    model, _ = clip_models.load(checkpoint)
+    job = ZeroShotConfig(datapath=".", label_file="labels.txt", resume=checkpoint)
+    classifier = class_embeddings(model, labels, load_templates(job.templates), job.context_length).numpy()
+    mapper = ImageClassifier(checkpoint, classifier, job.precision)
+    for seed in range(3):
+        image = noise_png(seed)
+        batch = {"image_id": np.array([f"{seed}.png"]), "label": np.array([0]), "image": np.array([image], dtype=object)}
+        expected = mapper(decode_images(batch, model.image_size))["probs"][0]
+        reply = post(service, "/classify", json={"image": b64(image), "labels": labels, "model": "other"})
+        assert reply.status_code == 200, reply.text
+        np.testing.assert_allclose(reply.json()["probs"], expected, atol=1e-4, rtol=0)
+        assert expected.max() - expected.min() > 1e-3  # the labels are told apart: not a trivial agreement
 
 
 @pytest.mark.parametrize("path, payload, status, message", [

@@ -7,9 +7,10 @@ mapper  -> `decode_images` (CPU tasks: the data plane's decode_batch) then
            into class probabilities;
 writer  -> `write_elevater_json` writes the ELEVATER-style JSON cn_clip writes.
 
-The classifier is cn_clip's: one embedding per class, the normalised mean of the
-normalised embeddings of that class's prompts (templates.py); probabilities are
-softmax(100 * normalised image feature @ class embeddings).
+The classifier is cn_clip's, in classifier.py (shared with Serve's /classify): one
+embedding per class, the normalised mean of the normalised embeddings of that class's
+prompts (templates.py); probabilities are softmax(100 * normalised image feature @ class
+embeddings).
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ import clip_models
 from .. import config as config_io
 from ..data import decode_batch, read_labels, read_zeroshot, zeroshot_images
 from ..io import write_lines
+from .classifier import class_weights, probabilities, prompts
 from .precision import PRECISIONS, autocast, fast_linears
 from .runtime import ensure_ray
-from .templates import fill, load_templates
+from .templates import load_templates
 
 log = logging.getLogger(__name__)
 
-LOGIT_SCALE = 100.0  # cn_clip's fixed scale for zero-shot probabilities (not the model's learnt one)
 TEXT_BATCH = 256  # prompts encoded per forward pass
 
 
@@ -83,8 +84,6 @@ class ZeroShotResult:
     output: str  # the ELEVATER JSON
 
 
-# ---------------------------------------------------------------- reader
-
 # ---------------------------------------------------------------- classifier
 
 def model_source(config: ZeroShotConfig) -> str:
@@ -94,7 +93,7 @@ def model_source(config: ZeroShotConfig) -> str:
 def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: tuple[str, ...],
                      context_length: int = 52) -> torch.Tensor:
     """[embed_dim, num_classes]: per class, the normalised mean of its normalised prompt embeddings."""
-    texts = [clip_models.preprocess_text(fill(t, name)) for name in classnames for t in templates]
+    texts = prompts(classnames, templates)
     device = next(model.parameters()).device
     features = []
     with torch.no_grad():
@@ -102,9 +101,7 @@ def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: 
             # Padding to the batch's longest prompt gives the same features as padding to 52, faster.
             tokens = clip_models.tokenize(texts[start:start + TEXT_BATCH], context_length, pad_to_longest=True)
             features.append(model.encode_text(tokens.to(device)).float())
-    per_prompt = torch.cat(features).view(len(classnames), len(templates), -1)
-    mean = clip_models.normalize_features(per_prompt).mean(dim=1)
-    return clip_models.normalize_features(mean).T.contiguous()
+    return class_weights(torch.cat(features), len(classnames))
 
 
 # ---------------------------------------------------------------- mapper
@@ -137,12 +134,8 @@ class ImageClassifier:
             images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
             with torch.no_grad(), autocast(self.precision, self.device), self.linears:
                 features = self.model.encode_image(images)
-            probs[ok] = image_probabilities(features.float(), self.classifier).cpu().numpy()
+            probs[ok] = probabilities(features, self.classifier).cpu().numpy()
         return {"label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok, "error": batch["error"]}
-
-
-def image_probabilities(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    return (LOGIT_SCALE * clip_models.normalize_features(image_features) @ classifier).softmax(dim=-1)
 
 
 def classify_images(datapath: str, num_classes: int, source: str, classifier: np.ndarray, image_size: int,
