@@ -6,6 +6,8 @@ search parameters tuned to --recall-target; an interrupted build resumes.
     ray job submit --working-dir . -- python jobs/build_index.py \
         --features features/corpus/images --output indexes/corpus [--max-index-memory 4GB] \
         [--index auto|flat|hnsw|ivf|FACTORY] [--num-shards N] [--recall-target 0.95]
+    python jobs/build_index.py --output indexes/corpus --add --features features/more/images
+    python jobs/build_index.py --output indexes/corpus --remove-ids takedown.txt   # one id a line
 
 Features: folders of the embed job's Parquet shards, globs, Parquet files or cn_clip's
 feature JSONL. Search it with clip_platform.index.open_index(DIR).search(queries, k).
@@ -19,11 +21,14 @@ from dataclasses import asdict
 from clip_platform import cli, config
 from clip_platform.index import IndexConfig
 from clip_platform.index.build import build_index
+from clip_platform.index.update import add_features, remove_ids
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = config.parser(IndexConfig, __doc__.split("\n\n")[0]).parse_args(argv)
-    report = build_index(config.from_args(IndexConfig, args))
+    index_config = config.from_args(IndexConfig, args)
+    job = remove_ids if index_config.remove_ids else add_features if index_config.add else build_index
+    report = job(index_config)
     print(json.dumps(asdict(report)))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.faiss_index import FaissSpec, build_index, choose_index, search_index
+from clip_platform.batch.faiss_index import temporary_factory
 from clip_platform.batch.features import Features, write_features_parquet
 from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search, recall_at_k
 from helpers import load_job, write_features_jsonl
@@ -74,7 +74,7 @@ def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf", "flat"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf", "flat", "IVF8,PQ4x4fs"])
 def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tmp_path, kind):
     write_features_parquet(tmp_path / "img.parquet", Features(np.arange(3000, dtype=np.int64), clustered(3000)))
     write_features_parquet(tmp_path / "txt.parquet", Features(np.arange(50, dtype=np.int64), clustered(50, seed=1)))
@@ -86,29 +86,10 @@ def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tm
     assert report.recall == 1.0 if kind == "flat" else 0.8 <= report.recall <= 1.0
 
 
-def test_index_choice_follows_corpus_size():
-    assert choose_index(10_000, 512).factory == "HNSW32,Flat"
-    big = choose_index(1_000_000, 512)
-    assert big.factory == "IVF128,PQ64x4fs" and big.nprobe == 16 and big.rerank == 16 and big.train_rows == 16384
-    assert choose_index(100, 6, kind="ivf").factory == "IVF1,Flat"  # too few rows to train PQ, nlist fits the data
-    assert choose_index(5000, 64, kind="IVF16,SQ8", nprobe=4).nprobe == 4
-    with pytest.raises(ValueError, match="empty corpus"):
-        choose_index(0, 512)
-
-
-def test_reranked_index_scores_candidates_exactly_across_shards():
-    rng = np.random.default_rng(3)
-    corpus = rng.standard_normal((2000, 16), dtype=np.float32)
-    queries = rng.standard_normal((30, 16), dtype=np.float32)
-    shards = [corpus[:700], corpus[700:1500], corpus[1500:]]
-    for shard in shards:
-        shard.setflags(write=False)  # as the object store hands them over: used in place
-    # Every list visited and k * rerank >= N: every row is a candidate, so the result is exact.
-    index = build_index(FaissSpec("IVF8,PQ2x4fs", nprobe=8, rerank=200, train_rows=2000), shards)
-    scores, ids = search_index(index, queries, np.arange(2000) + 100, 10)
-    exact = queries @ corpus.T
-    assert ids.tolist() == (np.argsort(-exact, axis=1)[:, :10] + 100).tolist()
-    np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :10], rtol=1e-5)
+def test_a_temporary_index_is_chosen_to_build_fast():
+    assert temporary_factory(10_000, 512) == "HNSW32,Flat"
+    assert temporary_factory(1_000_000, 512) == "IVF128,PQ64x4fs"  # few lists, 4-bit fast-scan codes
+    assert temporary_factory(60_000, 6) == "IVF32,Flat"  # no PQ grouping of 6 dimensions
 
 
 def test_query_sample_is_uniform_and_bounded():
@@ -125,8 +106,8 @@ def test_query_sample_is_uniform_and_bounded():
     (["--image-feats", "{root}/absent.jsonl"], "absent.jsonl does not exist"),
     (["--text-feats", "{root}/images.jsonl"], "'image_id' where 'text_id' was expected"),
     (["--top-k", "0"], "top_k must be at least 1"),
-    (["--index", "faiss", "--faiss-index", "NoSuchIndex"], "FAISS cannot build 'NoSuchIndex'"),
-    (["--index", "faiss", "--faiss-cpus", "64"], "--faiss-cpus 64 is more than any node has"),
+    (["--index", "faiss", "--faiss-index", "NoSuchIndex"], "FAISS cannot build 'IDMap2,NoSuchIndex'"),
+    (["--index", "faiss", "--recall-target", "1.5"], "--recall-target must be in (0, 1]"),
 ])
 def test_knn_job_user_errors_are_one_line(ray_local, corpus_files, tmp_path, capsys, args, message):
     root, _, _ = corpus_files

@@ -66,13 +66,28 @@ def test_metadata_runs_merge_sorted_and_are_looked_up_by_row_group(tmp_path, mon
         runs.append(tmp_path / f"{source}.parquet")
         paths = [f"key{i}" for i in ids[part]] if source == 1 else None
         metadata.write_id_run(runs[-1], ids[part], source, 100, paths)
-    assert metadata.merge_id_runs(runs, ["a", "b", "c"], tmp_path) == 60
-    table = pq.read_table(tmp_path / metadata.METADATA_FILE)
-    assert table.column("id").to_pylist() == sorted(ids.tolist())
-    assert pq.ParquetFile(tmp_path / metadata.METADATA_FILE).metadata.num_row_groups == 9
-    found = metadata.Metadata(tmp_path).lookup([ids[0], ids[25], -5])
+    assert metadata.merge_id_runs(runs, [0, 1000, 2000], ["a", "b", "c"], tmp_path) == 60
+    files = metadata.table_files(0)
+    table = pq.read_table(tmp_path / files["table"])
+    assert table.column("id").to_pylist() == sorted(ids.tolist()) == np.load(tmp_path / files["ids"]).tolist()
+    assert pq.ParquetFile(tmp_path / files["table"]).metadata.num_row_groups == 9
+    ids_table = metadata.Metadata(tmp_path)
+    found = ids_table.lookup([ids[0], ids[25], -5])
     assert found == {ids[0]: {"file": "a", "row": 100, "path": None},
                      ids[25]: {"file": "b", "row": 100 + 25 - 20, "path": f"key{ids[25]}"}}
+    assert ids_table.positions[ids_table.ranks([ids[25]])].tolist() == [1000 + 100 + 5]  # the run's offset + row
+
+    # the next generation: the table as a run again, without two ids, with a new run (positions go on)
+    metadata.write_id_run(tmp_path / "3.parquet", np.array([5000, 5001]), 3, 0, None)
+    dropped = ids[[3, 40]]
+    assert metadata.merge_id_runs([tmp_path / files["table"], tmp_path / "3.parquet"], [None, 3000],
+                                  ["a", "b", "c", "d"], tmp_path, 1, dropped) == 60
+    second = metadata.Metadata(tmp_path, metadata.table_files(1))
+    assert (second.ranks(dropped) == -1).all() and second.lookup([5001]) == {5001: {"file": "d", "row": 1,
+                                                                                  "path": None}}
+    assert second.positions[second.ranks([ids[25], 5001])].tolist() == [1105, 3001]
+    with pytest.raises(ValueError, match=r"id \d+ appears twice in the features: a row \d+ and a row"):
+        metadata.merge_id_runs([tmp_path / files["table"], runs[0]], [None, 0], ["a", "b", "c"], tmp_path, 2)
 
 
 # ---------------------------------------------------------------- builds on the local Ray
@@ -155,6 +170,68 @@ def test_an_interrupted_build_resumes_keeping_its_finished_partials(ray_local, t
     np.testing.assert_array_equal(ids, exact_topk(corpus.vectors[:20], corpus.vectors, corpus.ids, 5)[1])
 
 
+def test_pq_codes_are_re_ranked_from_the_stored_vectors_to_the_recall_target(ray_local, tmp_path):
+    corpus = clustered(3000, seed=9)
+    write_shards(tmp_path / "features", corpus, 2, row_group_rows=500)
+    config = IndexConfig(str(tmp_path / "features"), str(tmp_path / "index"), index="IVF16,PQ4x8",
+                         recall_target=0.95, tune_queries=200)
+    report = build_index(config)
+    assert report.search_parameters["rerank"] == 8 and report.recall >= 0.95
+    index = open_index(config.output)
+    found, vectors = index.vectors(np.append(corpus.ids[[0, 2999]], -7))
+    assert found.tolist() == [True, True, False]  # an id not in the index is not found
+    np.testing.assert_allclose(vectors[:2], corpus.vectors[[0, 2999]], atol=1e-3)  # float16
+    queries = corpus.vectors[::30]
+    _, ids = index.search(queries, 10)
+    assert ids[:, 0].tolist() == corpus.ids[::30].tolist()  # more like this: the item itself first
+    assert recall_at_k(ids, exact_topk(queries, corpus.vectors, corpus.ids, 10)[1]) >= 0.9
+
+
+def test_add_and_remove_change_the_index_the_metadata_and_the_manifest(ray_local, tmp_path, capsys):
+    corpus = clustered(900, seed=10)
+    first, more = corpus.slice(0, 600), corpus.slice(600, 900)
+    write_shards(tmp_path / "a", first, 2)
+    write_shards(tmp_path / "b", more, 1)
+    job = load_job("build_index").main
+    output = str(tmp_path / "index")
+    job(["--features", str(tmp_path / "a"), "--output", output, "--rows-per-shard", "150"])
+    job(["--output", output, "--add", "--features", str(tmp_path / "b")])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["added"], report["count"], report["num_shards"]) == (300, 900, 2)
+    index = open_index(output)
+    queries = clustered(40, seed=11).vectors
+    np.testing.assert_array_equal(index.search(queries, 10)[1],
+                                  exact_topk(queries, corpus.vectors, corpus.ids, 10)[1])
+    assert index.lookup([corpus.ids[700]]) == {corpus.ids[700]: {"file": str(tmp_path / "b" / "part-00000.parquet"),
+                                                                 "row": 100}}
+    np.testing.assert_allclose(index.vectors([corpus.ids[700]])[1][0], corpus.vectors[700], atol=1e-3)
+    with pytest.raises(ValueError, match="is indexed in .* already"):
+        job(["--output", output, "--add", "--features", str(tmp_path / "b")])
+    write_shards(tmp_path / "c", corpus.slice(10, 12), 1)  # ids indexed already
+    with pytest.raises(ValueError, match=f"id {min(corpus.ids[10:12])} appears twice"):
+        job(["--output", output, "--add", "--features", str(tmp_path / "c")])
+
+    gone = corpus.ids[[3, 599, 650, 899]]
+    (tmp_path / "takedown.txt").write_text("\n".join(map(str, gone)) + "\n\nnot-an-id\n123456789\n")
+    job(["--output", output, "--remove-ids", str(tmp_path / "takedown.txt")])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["removed"], report["not_found"], report["bad_lines"], report["count"]) == (4, 1, 1, 896)
+    keep = ~np.isin(corpus.ids, gone)
+    index = open_index(output)
+    np.testing.assert_array_equal(index.search(queries, 10)[1],
+                                  exact_topk(queries, corpus.vectors[keep], corpus.ids[keep], 10)[1])
+    assert not index.vectors(gone)[0].any() and index.lookup(gone) == {}
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert [step.get("rows") for step in manifest["history"]] == [300, 4]
+    files = {p.name for p in (tmp_path / "index").iterdir()}
+    assert "metadata.parquet" not in files and "metadata-00002.parquet" in files  # the old generations went
+    write_shards(tmp_path / "d", Features(gone[:1], corpus.vectors[[3]]), 1)
+    with pytest.raises(ValueError, match=f"id {gone[0]} was removed from .* before"):
+        job(["--output", output, "--add", "--features", str(tmp_path / "d")])
+    assert open_index(output).ntotal == 896  # a refused add changed nothing
+    assert not (tmp_path / "index" / "metadata-00003.parquet").exists()
+
+
 def test_duplicate_ids_are_refused_naming_one(ray_local, tmp_path):
     corpus = clustered(300, seed=6)
     write_shards(tmp_path / "features", corpus, 2)
@@ -193,3 +270,73 @@ def test_knn_job_searches_a_built_index_with_cn_clip_flags(ray_local, tmp_path):
     with pytest.raises(ValueError, match="--index must be exact, faiss or the directory of an index"):
         load_job("knn").main(["--text-feats", str(tmp_path / "texts.jsonl"), "--index", str(tmp_path / "nope"),
                               "--output", str(out)])
+
+
+# ---------------------------------------------------------------- on a 4-node cluster
+
+DRIVER = """
+import sys, time
+sys.path[:0] = {paths!r}
+from clip_platform.index import build
+record = build.record_partial
+def slow_record(work, shard, result):
+    record(work, shard, result)
+    time.sleep(0.5)  # a window to be killed in, with partials recorded and more to come
+build.record_partial = slow_record
+from clip_platform import cli
+from helpers import load_job
+cli.run(load_job("build_index").main, {argv!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_and_a_lost_node_loses_nothing(ray_cluster, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_multinode_batch import remove_node, worker_node
+
+    corpus = clustered(2400, seed=12)
+    write_shards(tmp_path / "features", corpus, 4)
+    output = tmp_path / "index"
+    argv = ["--features", str(tmp_path / "features"), "--output", str(output), "--rows-per-shard", "100"]
+    paths = [p for p in sys.path if p]
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(paths=[os.path.dirname(__file__)] + paths,
+                                                                   argv=argv)],
+                              env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts = output / "_build" / "parts"
+    deadline = time.monotonic() + 180
+    while len(list(parts.glob("*.json"))) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)  # the driver dies as on a lost head process: no cleanup
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, driver.stderr.read().decode()[-2000:]
+    kept = {int(p.stem) for p in parts.glob("*.json")}
+    assert 2 <= len(kept) < 24 and not (output / "manifest.json").exists()
+
+    removed, encoded = [], []
+    record = index_build.record_partial
+
+    def record_then_lose_a_node(work, shard, result):
+        encoded.append((shard, result["node"]))
+        record(work, shard, result)
+        workers = [node for _, node in encoded if worker_node(ray_cluster, node)]
+        if not removed and workers:  # a node that did work goes, with the tasks it runs
+            remove_node(ray_cluster, workers[0])
+            removed.append(workers[0])
+
+    monkeypatch.setattr(index_build, "record_partial", record_then_lose_a_node)
+    report = build_index(IndexConfig(str(tmp_path / "features"), str(output), rows_per_shard=100))
+    assert removed and report.num_nodes >= 2
+    assert sorted(shard for shard, _ in encoded) == sorted(set(range(24)) - kept)  # kept partials not redone
+    assert report.reused == 24 + len(kept) and report.count == 2400
+    index = open_index(output)
+    assert sum(shard.ntotal for shard in index.shards) == 2400  # every vector once
+    queries = clustered(30, seed=13).vectors
+    np.testing.assert_array_equal(index.search(queries, 10)[1], exact_topk(queries, corpus.vectors, corpus.ids, 10)[1])
+    found, vectors = index.vectors(corpus.ids)
+    assert found.all() and np.abs(vectors - corpus.vectors).max() < 1e-3

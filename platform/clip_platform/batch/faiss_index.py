@@ -1,103 +1,55 @@
-"""Approximate inner-product search with FAISS, its parameters chosen by corpus size.
+"""Which FAISS index to build over a corpus, and searching one: the choice follows the corpus
+size, and for a persistent index the memory it may take when served.
 
-A batch job builds its index once and uses it once, so the build counts as much as
-the search. Measured on this project's 2-core CPU (benchmarks/knn.py: 10k queries
-over 1M clustered 512-d features): "IVF128,PQ64x4fs" (few lists, as assigning every
-row to a list dominates the build; 4-bit PQ fast-scan codes, cheap to encode and to
-scan), trained on 16k sampled rows, 16 lists visited, with its 160 best candidates
-re-scored exactly against the corpus arrays in place, builds in 5.4 s and searches in
-1.7 s at recall@10 0.978: 47x exact search alone, 11.4x counting the build (with 256
-lists and 32 visited: recall 0.989 at 9.6-9.9x, short of the 10x target). FAISS's own
-re-ranking (RFlat) copies the corpus, and faulting in a fresh 2 GB copy took
-longer (~6 s) than the rest of the build. HNSW builds without training and is the
-most accurate, but its build grows fastest (26 s for 200k rows): small corpora only.
+Two kinds of build. A persistent index (jobs/build_index.py) is built once and searched for
+months from a memory-mapped file: `choose_served_index` follows autofaiss's published rules
+(about 4·sqrt(N) lists, the finest codes that fit the memory budget, inverted lists FAISS can
+merge onto disk). The temporary index of `jobs/knn.py --index faiss` is built through the same
+code (clip_platform.index) and used once, so its build counts as much as its search:
+`temporary_factory` picks few lists (assigning every row to its list dominates the build)
+and 4-bit PQ fast-scan codes, cheap to encode and to scan, whose candidates the index
+re-ranks from its stored vectors. HNSW builds without training and is the most accurate,
+but its build grows fastest (26 s for 200k rows on this project's 2 cores): small corpora only.
 No Ray here.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-HNSW_MAX_ROWS = 50_000  # auto: HNSW below this many corpus rows, IVF from here on
+HNSW_MAX_ROWS = 50_000  # temporary index, auto: HNSW below this many corpus rows, IVF from here on
 MIN_TRAIN_PER_LIST = 39  # FAISS's k-means warns with fewer training points per centroid
 TRAIN_PER_LIST = 64  # training rows per IVF list: enough for k-means, keeps training to seconds
-IVF_LISTS_DIVISOR = 8  # IVF lists: sqrt(N) / this (1M rows: 128 lists)
-RERANK_FACTOR = 16  # IVF-PQ: k * RERANK_FACTOR candidates re-scored exactly
+IVF_LISTS_DIVISOR = 8  # temporary IVF index: sqrt(N) / this lists (1M rows: 128)
 KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
 @dataclass(frozen=True)
 class FaissSpec:
-    """How to build and search one FAISS index."""
+    """A FAISS index to build: its factory string (inner-product metric) and how many sampled
+    corpus rows train it (0: it needs no training). Search parameters are tuned once it is built."""
 
-    factory: str  # faiss.index_factory description, inner-product metric
-    nprobe: int = 0  # IVF lists visited per query (0: not an IVF index)
-    ef_search: int = 0  # HNSW candidate-list size (0: not HNSW)
-    k_factor: int = 0  # FAISS refine (RFlat): k * k_factor candidates re-scored from its own copy (0: none)
-    rerank: int = 0  # k * rerank candidates re-scored exactly against the corpus vectors themselves (0: none)
-    train_rows: int = 0  # corpus rows sampled to train the index (0: needs no training)
-
-    def describe(self) -> str:
-        params = [f"{name}={value}" for name, value in
-                  (("nprobe", self.nprobe), ("efSearch", self.ef_search), ("k_factor", self.k_factor),
-                   ("rerank", self.rerank)) if value]
-        return self.factory + (f" ({', '.join(params)})" if params else "")
+    factory: str
+    train_rows: int = 0
 
 
-def choose_index(num_rows: int, dim: int, k: int = 10, kind: str = "auto", nprobe: int = 0,
-                 ef_search: int = 0) -> FaissSpec:
-    """The index for a corpus of `num_rows` x `dim`. `kind` is auto|flat|hnsw|ivf or
-    any faiss index_factory string; nprobe / ef_search override the chosen values."""
-    if num_rows <= 0:
-        raise ValueError("cannot build a FAISS index over an empty corpus")
-    if kind == "auto":
-        kind = "hnsw" if num_rows < HNSW_MAX_ROWS else "ivf"
-    if kind == "flat":
-        return FaissSpec("Flat")
-    if kind == "hnsw":
-        return FaissSpec("HNSW32,Flat", ef_search=ef_search or max(64, 4 * k))
-    if kind == "ivf":
-        return _ivf_spec(num_rows, dim, k, nprobe)
-    if kind in KINDS or not kind:
-        raise ValueError(f"unknown FAISS index kind {kind!r}")
-    # A user-given factory string: train on a sample sized as for our own IVF indexes.
-    nlist = re.search(r"IVF(\d+)", kind)
-    train_rows = min(num_rows, TRAIN_PER_LIST * max(int(nlist.group(1)) if nlist else 0, 256))
-    return FaissSpec(kind, nprobe=nprobe or (16 if "IVF" in kind else 0),
-                     ef_search=ef_search or (max(64, 4 * k) if "HNSW" in kind else 0),
-                     k_factor=8 if "RFlat" in kind or "Refine" in kind else 0, train_rows=train_rows)
-
-
-def _ivf_spec(num_rows: int, dim: int, k: int, nprobe: int) -> FaissSpec:
-    # A batch job builds its index once, and the build is dominated by assigning every
-    # corpus row to its list (N x nlist dot products): so few lists, ~sqrt(N)/8 (a power
-    # of two), and never fewer training points per list than k-means needs.
+def temporary_factory(num_rows: int, dim: int) -> str:
+    """The factory of a temporary index (built, used once, thrown away) over `num_rows` x `dim`."""
+    if num_rows < HNSW_MAX_ROWS:
+        return "HNSW32,Flat"
+    # Few lists, ~sqrt(N)/8 (a power of two), never fewer training points per list than k-means needs.
     nlist = 2 ** round(math.log2(max(1.0, math.sqrt(num_rows) / IVF_LISTS_DIVISOR)))
     while nlist > 1 and num_rows < MIN_TRAIN_PER_LIST * nlist:
         nlist //= 2
-    train_rows = min(num_rows, TRAIN_PER_LIST * max(nlist, 256))
-    nprobe = nprobe or min(nlist, max(16, nlist // 8))
-    # 4-bit PQ fast-scan codes over 8 dimensions each (4 where the dimension asks): cheap
-    # to encode and to scan; their 16-centroid sub-quantizers need a few hundred training
-    # rows. The candidates are then re-scored exactly against the corpus vectors in
-    # place, not against a copy (FAISS's RFlat): a fresh multi-GB copy is slow to fault in.
+    # 4-bit PQ fast-scan codes over 8 dimensions each (4 where the dimension asks).
     group = 8 if dim % 8 == 0 else 4 if dim % 4 == 0 else 0
-    if not group or num_rows < 1024:
-        return FaissSpec(f"IVF{nlist},Flat", nprobe=nprobe, train_rows=train_rows)
-    return FaissSpec(f"IVF{nlist},PQ{dim // group}x4fs", nprobe=nprobe, rerank=RERANK_FACTOR, train_rows=train_rows)
+    return f"IVF{nlist},PQ{dim // group}x4fs" if group else f"IVF{nlist},Flat"
 
 
 # ---------------------------------------------------------------- served (persistent) indexes
-#
-# A served index is built once and searched for months from a memory-mapped file, so the
-# choice follows autofaiss's published rules rather than the batch job's build-time ones:
-# about 4·sqrt(N) lists, the finest codes that fit the memory budget, and inverted lists
-# that FAISS can merge onto disk (no fast-scan blocks, no in-memory refine copy).
 
 SERVED_FLAT_MAX_ROWS = 10_000  # auto: one list scanned whole (exact) below this many rows
 HNSW_QUANTIZER_LISTS = 4096  # from this many lists on, an HNSW graph finds a vector's lists
@@ -121,19 +73,19 @@ def choose_served_index(num_rows: int, dim: int, max_memory: int, kind: str = "a
         fits_flat = num_rows * (4 * dim + ID_BYTES) <= max_memory
         kind = "flat" if num_rows < SERVED_FLAT_MAX_ROWS and fits_flat else "ivf"
     if kind == "flat":
-        spec = FaissSpec("IVF1,Flat", nprobe=1, train_rows=min(num_rows, 256))
+        spec = FaissSpec("IVF1,Flat", train_rows=min(num_rows, 256))
     elif kind == "hnsw":
-        spec = FaissSpec("IDMap2,HNSW32,Flat", ef_search=64)
+        spec = FaissSpec("IDMap2,HNSW32,Flat")
     elif kind == "ivf":
         spec = _served_ivf_spec(num_rows, dim, max_memory, max_train)
     elif kind in KINDS or not kind:
         raise ValueError(f"unknown FAISS index kind {kind!r}")
     else:
-        spec = choose_index(num_rows, dim, kind=kind)
         # Ids live in the index: IVF lists keep them, anything else needs FAISS's id map.
-        factory = spec.factory if "IVF" in spec.factory or spec.factory.startswith("IDMap") \
-            else f"IDMap2,{spec.factory}"
-        spec = dataclasses.replace(spec, factory=factory, train_rows=min(spec.train_rows, max_train))
+        factory = kind if "IVF" in kind or kind.startswith("IDMap") else f"IDMap2,{kind}"
+        nlist = re.search(r"IVF(\d+)", kind)
+        spec = FaissSpec(factory, train_rows=min(max_train, TRAIN_PER_LIST * max(int(nlist.group(1)) if nlist
+                                                                                 else 0, 256)))
     size = served_bytes(spec.factory, num_rows, dim)
     return spec, num_shards or max(1, math.ceil(size / max_memory))
 
@@ -149,7 +101,7 @@ def _served_ivf_spec(num_rows: int, dim: int, max_memory: int, max_train: int) -
     fitting = [c for c in codes if served_bytes(f"{quantizer},{c}", num_rows, dim) <= max_memory]
     code = fitting[0] if fitting else codes[-1]  # nothing fits: the smallest, split into shards
     train_rows = min(max_train, max(TRAIN_PER_LIST * nlist, PQ_TRAIN_ROWS if code.startswith("PQ") else 0))
-    return FaissSpec(f"{quantizer},{code}", nprobe=min(nlist, 16), train_rows=train_rows)
+    return FaissSpec(f"{quantizer},{code}", train_rows=train_rows)
 
 
 def served_bytes(factory: str, num_rows: int, dim: int) -> int:
@@ -174,90 +126,15 @@ def mergeable_on_disk(factory: str) -> bool:
     return "IVF" in factory and not re.search(r"fs\b|fsr\b|PQR|RFlat|Refine", factory)
 
 
-def build_index(spec: FaissSpec, vectors: np.ndarray | Sequence[np.ndarray], seed: int = 0, num_threads: int = 0):
-    """A trained, filled index over `vectors`, one array or several (corpus shards, added
-    in turn rather than copied into one); positions in that order are the labels. With
-    `spec.rerank`, a `ReRanked` index that keeps (does not copy) the arrays."""
-    import faiss
-
-    if num_threads:
-        faiss.omp_set_num_threads(num_threads)
-    parts = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
-    parts = [np.ascontiguousarray(p, dtype=np.float32) for p in parts if len(p)]
-    if not parts:
-        raise ValueError("cannot build a FAISS index over an empty corpus")
-    num_rows, dim = sum(len(p) for p in parts), parts[0].shape[1]
-    try:
-        index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS cannot build {spec.factory!r}: {str(exc).splitlines()[-1]}") from None
-    if not index.is_trained:
-        index.train(_sample_rows(parts, spec.train_rows or num_rows, seed))
-    for part in parts:
-        index.add(part)
-    set_search_parameters(index, spec)
-    return ReRanked(index, parts, spec.rerank) if spec.rerank else index
-
-
-def _sample_rows(parts: list[np.ndarray], size: int, seed: int) -> np.ndarray:
-    """`size` rows drawn uniformly without replacement from the concatenation of `parts`."""
-    num_rows = sum(len(p) for p in parts)
-    rows = np.sort(np.random.default_rng(seed).choice(num_rows, min(num_rows, size), replace=False))
-    starts = np.cumsum([0] + [len(p) for p in parts])
-    which = np.searchsorted(starts, rows, side="right") - 1
-    return np.concatenate([parts[i][rows[which == i] - starts[i]] for i in range(len(parts))])
-
-
-class ReRanked:
-    """A FAISS index whose k * factor best candidates are re-scored exactly against the
-    corpus arrays it was built from (each shard scored in place by FAISS's
-    fvec_inner_products_by_idx), then cut to k. Searches like a FAISS index."""
-
-    def __init__(self, index, parts: list[np.ndarray], factor: int):
-        self.index, self.parts, self.factor = index, parts, factor
-        self.starts = np.cumsum([0] + [len(p) for p in parts])[:-1]
-        self.ntotal = index.ntotal
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        _, candidates = self.index.search(queries, min(self.ntotal, k * self.factor))
-        scores = np.full(candidates.shape, -np.inf, np.float32)
-        part_scores = np.empty_like(scores)
-        for part, start in zip(self.parts, self.starts):
-            local = candidates - start
-            local[(candidates < 0) | (local >= len(part))] = -1  # not in this part: scored -inf
-            if (local >= 0).any():
-                faiss.fvec_inner_products_by_idx(faiss.swig_ptr(part_scores), faiss.swig_ptr(queries),
-                                                 faiss.swig_ptr(part), faiss.swig_ptr(local), part.shape[1],
-                                                 len(queries), candidates.shape[1])
-                np.maximum(scores, part_scores, out=scores)
-        order = np.lexsort((candidates, -scores), axis=1)[:, :k]
-        scores, positions = np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
-        return scores, np.where(np.isfinite(scores), positions, -1)
-
-
-def set_search_parameters(index, spec: FaissSpec) -> None:
-    import faiss
-
-    space = faiss.ParameterSpace()
-    if spec.nprobe:
-        space.set_index_parameter(index, "nprobe", spec.nprobe)
-    if spec.ef_search:
-        space.set_index_parameter(index, "efSearch", spec.ef_search)
-    if spec.k_factor:
-        refine = faiss.downcast_index(index)
-        if hasattr(refine, "k_factor"):
-            refine.k_factor = spec.k_factor
-
-
-def search_index(index, queries: np.ndarray, corpus_ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index, queries: np.ndarray, corpus_ids: np.ndarray | None, k: int,
+                 params=None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) [B, k] sorted by (score desc, id asc); a slot FAISS could not fill
     (fewer than k candidates reached) has id -1 and score -inf, and sorts last. FAISS's
-    labels are positions in `corpus_ids`, or (None) the ids themselves."""
+    labels are positions in `corpus_ids`, or (None) the ids themselves. `params`: FAISS
+    SearchParameters for this search (an id selector, nprobe)."""
     k = min(k, index.ntotal)
-    scores, positions = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, positions = index.search(queries, k) if params is None else index.search(queries, k, params=params)
     missing = positions < 0
     labels = positions if corpus_ids is None else corpus_ids[np.where(missing, 0, positions)]
     ids = np.where(missing, -1, labels)

@@ -9,9 +9,11 @@ block combines them. Ties are broken by the smaller id, which makes the merged
 ids identical to one brute-force pass. Query blocks stream through a bounded
 window and predictions are written in query order.
 
-FAISS: an actor builds the index chosen for the corpus size and searches the
-query blocks; then the recall of its results against exact search is measured
-on a random sample of queries and reported.
+FAISS (`--index faiss`): a temporary index is built beside the output file through
+jobs/build_index.py's code (over the cluster, in bounded memory, its search parameters
+tuned to --recall-target), searched as a built index, and deleted; then the recall
+of its results against exact search is measured on a random sample of queries and
+reported. On a multi-node cluster the output's folder must be shared, as for a built index.
 
 A built index (`--index DIR`): the corpus is the index, so only the query
 features are read; each query block is a task that memory-maps the index and
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +36,7 @@ import ray
 
 from .. import config as config_io
 from ..index.search import open_index, read_manifest
-from .faiss_index import FaissSpec, build_index, choose_index, search_index
+from .faiss_index import temporary_factory
 from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
 from .predictions import KEYS, MODES, PredictionWriter, check_mode
 from .runtime import ensure_ray, get, node_id
@@ -55,10 +59,8 @@ class KnnConfig:
     query_block_size: int = 4096  # queries per Ray task
     corpus_shard_size: int = 131072  # corpus rows per shard (Parquet: whole row groups; JSONL: one file)
     max_inflight_blocks: int = 4  # query blocks in flight: bounds driver and object-store memory
-    faiss_index: str = "auto"  # auto (by corpus size), flat, hnsw, ivf, or a faiss index_factory string
-    nprobe: int = 0  # IVF lists visited per query (0: chosen by corpus size)
-    ef_search: int = 0  # HNSW candidate-list size (0: chosen from top_k)
-    faiss_cpus: int = 0  # CPUs of the FAISS actor, its build and search threads (0: all of the largest node)
+    faiss_index: str = "auto"  # auto (by corpus size, built fast), flat, hnsw, ivf, or a faiss index_factory string
+    recall_target: float = 0.95  # faiss: recall@10 on held-out corpus vectors its search parameters are tuned to
     recall_sample: int = 1000  # faiss: queries re-searched exactly to measure recall (0: skip)
     seed: int = 0  # sampling of the FAISS training rows and the recall queries
 
@@ -74,9 +76,10 @@ class KnnConfig:
         for name in ("top_k", "eval_batch_size", "query_block_size", "corpus_shard_size", "max_inflight_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("nprobe", "ef_search", "recall_sample", "faiss_cpus"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.recall_sample < 0:
+            raise ValueError(f"recall_sample must not be negative, got {self.recall_sample}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
         config_io.check_not_empty(self.image_feats, "--image-feats")
         config_io.check_not_empty(self.text_feats, "--text-feats")
         config_io.check_output(self.output, "--output")
@@ -156,29 +159,6 @@ def _search_built(directory: str, queries: np.ndarray, k: int):
     return scores, ids, (node_id(),)
 
 
-@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
-class _FaissSearcher:
-    """Holds one FAISS index over the whole corpus; loads the shards from the object store.
-    A restarted actor (its node was lost) has no index: it builds one before searching."""
-
-    def __init__(self, spec: FaissSpec, shard_refs: list, seed: int, num_threads: int):
-        self.spec, self.shard_refs, self.seed, self.num_threads = spec, shard_refs, seed, num_threads
-        self.index, self.node = None, node_id()
-
-    def build(self) -> float:
-        start = time.perf_counter()
-        shards = ray.get(self.shard_refs)  # zero-copy views of the object store, added shard by shard
-        self.ids = np.concatenate([shard.ids for shard in shards])
-        self.index = build_index(self.spec, [shard.vectors for shard in shards], self.seed, self.num_threads)
-        return time.perf_counter() - start
-
-    def search(self, queries: np.ndarray, k: int):
-        if self.index is None:
-            self.build()
-        scores, ids = search_index(self.index, queries, self.ids, k)
-        return scores, ids, (self.node,)
-
-
 # ---------------------------------------------------------------- corpus
 
 @dataclass
@@ -224,30 +204,6 @@ class ExactSearch:
         pass
 
 
-class FaissSearch:
-    """Query block -> ObjectRef of approximate (scores, ids, node ids) from the FAISS actor."""
-
-    def __init__(self, corpus: Corpus, k: int, config: KnnConfig):
-        self.k = k
-        self.spec = choose_index(corpus.num_rows, corpus.dim, k, config.faiss_index, config.nprobe, config.ef_search)
-        self.description = f"faiss {self.spec.describe()}"
-        cpus = faiss_cpus(config.faiss_cpus)
-        log.info("building FAISS %s over %d x %d on %d CPUs", self.spec.describe(), corpus.num_rows, corpus.dim, cpus)
-        self.actor = _FaissSearcher.options(num_cpus=cpus).remote(self.spec, corpus.shards, config.seed, cpus)
-        try:
-            self.build_seconds = get(self.actor.build.remote())
-        except BaseException:
-            self.close()
-            raise
-        log.info("FAISS index built in %.1f s", self.build_seconds)
-
-    def submit(self, block: Features):
-        return self.actor.search.remote(block.vectors, self.k)
-
-    def close(self) -> None:
-        ray.kill(self.actor)  # frees its CPUs for the exact recall check
-
-
 class BuiltIndexSearch:
     """Query block -> ObjectRef of (scores, ids, node ids): a task per block memory-maps the
     index (jobs/build_index.py's folder, which every node must see) and searches it."""
@@ -269,13 +225,32 @@ class BuiltIndexSearch:
         pass
 
 
-def faiss_cpus(requested: int) -> int:
-    """CPUs for the FAISS actor: `requested`, or (0) every CPU of the largest node. An
-    actor bigger than every node would wait forever, so that is a user error."""
-    largest = int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0))
-    if requested > largest:
-        raise ValueError(f"--faiss-cpus {requested} is more than any node has (largest: {largest} CPUs)")
-    return requested or max(1, largest)
+class TemporaryIndexSearch(BuiltIndexSearch):
+    """`--index faiss`: an index built by jobs/build_index.py's code in a folder beside the
+    output, searched like a built one, deleted when the job ends."""
+
+    def __init__(self, config: KnnConfig, corpus: Corpus, k: int):
+        from ..index import IndexConfig
+        from ..index.build import build_index
+
+        kind = temporary_factory(corpus.num_rows, corpus.dim) if config.faiss_index == "auto" else config.faiss_index
+        folder = os.path.dirname(os.path.abspath(config.output))
+        self.temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(config.output)}.faiss-", dir=folder)
+        try:
+            log.info("building a temporary FAISS index (%s) over %d x %d in %s", kind, corpus.num_rows, corpus.dim,
+                     self.temporary)
+            report = build_index(IndexConfig(
+                (config.corpus_path,), os.path.join(self.temporary, "index"), index=kind, max_index_memory="1TB",
+                recall_target=config.recall_target, rows_per_shard=config.corpus_shard_size, seed=config.seed))
+            super().__init__(report.output, k)
+        except BaseException:
+            self.close()
+            raise
+        self.build_seconds = report.seconds
+        self.description = f"faiss {report.factory} {report.search_parameters}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.temporary, ignore_errors=True)
 
 
 def in_order(blocks: Iterable[Features], submit: Callable, window: int) -> Iterator[tuple[Features, tuple]]:
@@ -343,7 +318,7 @@ def knn_search(config: KnnConfig) -> KnnReport:
     blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
                              corpus.dim, config.query_path)
     exact = None if built else ExactSearch(corpus, k, config.eval_batch_size)
-    search = built or (exact if config.index == "exact" else FaissSearch(corpus, k, config))
+    search = built or (exact if config.index == "exact" else TemporaryIndexSearch(config, corpus, k))
     sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
     searched = time.perf_counter()
     nodes: set[str] = set()

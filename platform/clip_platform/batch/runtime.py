@@ -26,6 +26,13 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def largest_node_cpus() -> int:
+    """CPUs of the largest live node: the threads one task may take (a FAISS training run)."""
+    import ray
+
+    return max(1, int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)))
+
+
 def get(refs):
     """ray.get, re-raising a task's user error (bad file, bad flag) as itself, so
     the job prints one readable line instead of a remote traceback."""

@@ -2,16 +2,20 @@
 
     scan      one task per feature shard: checks it, writes its ids as a sorted run, keeps a
               random sample of its rows                       -> _build/scan/
-    metadata  one task merges the runs into the id -> (file, row, path) table; a duplicate
-              id stops the build here, named with both places -> metadata.parquet
+    metadata  one task merges the runs into the id -> (file, row, path, vector position)
+              table; a duplicate id stops the build here, named with both places
+                                                              -> metadata.parquet, ids.npy, positions.npy
     choose    the index, from the corpus size and --max-index-memory (batch/faiss_index.py)
-    train     one task draws the held-out tuning queries and the training rows from the
-              samples and trains the empty index              -> _build/trained.index
+    train     one task draws the tuning queries (corpus rows, held out of training; each is
+              left out of its own results when recall is measured) and the training rows from the
+              samples and trains the empty index              -> trained.index
     encode    one task per shard: its rows added to a copy of the trained index (a partial
-              index), and the exact top-10 of the tuning queries over its rows -> _build/parts/
+              index), the exact top-10 of the tuning queries over its rows -> _build/parts/,
+              and its rows written in float16 to their place in   -> vectors-00000.npy
     merge     one task per index shard: the partials' inverted lists merged onto disk
               (faiss.contrib.ondisk)                          -> populated.index + merged.ivfdata
     tune      one task: nprobe / efSearch raised until recall@10 against exact reaches the target
+              (PQ codes: with their candidates re-scored from the stored vectors)
     manifest  written last                                    -> manifest.json
 
 No process holds the corpus: a task holds one shard (--rows-per-shard rows), the training
@@ -33,13 +37,13 @@ import numpy as np
 import ray
 
 from ..batch.faiss_index import FaissSpec, choose_served_index, mergeable_on_disk
-from ..batch.knn import faiss_cpus
-from ..batch.runtime import ensure_ray, get
+from ..batch.runtime import ensure_ray, get, largest_node_cpus
 from ..batch.topk import merge_topk
 from . import tasks
 from .config import IndexConfig
-from .metadata import METADATA_FILE, RANGES_FILE
+from .metadata import table_files
 from .sources import Inputs, plan_inputs
+from .vectors import create_segment, segment_file
 from .workdir import BuildDir, index_files
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,10 @@ class IndexReport:
     seconds: float
     reused: int = 0  # shard steps (scans, partial indexes) a resumed build found finished
     num_nodes: int = 0
+    added: int = 0  # --add: vectors added
+    removed: int = 0  # --remove-ids: ids removed
+    not_found: int = 0  # --remove-ids: ids not in the index (removed before, or never added)
+    bad_lines: int = 0  # --remove-ids: lines that are no id, skipped
 
 
 def build_index(config: IndexConfig) -> IndexReport:
@@ -88,11 +96,17 @@ def build_index(config: IndexConfig) -> IndexReport:
     nodes.update(s["node"] for s in scans.values())
     num_rows, dim = _corpus_shape(inputs, scans, config.features)
     live = [i for i in range(len(inputs.shards)) if scans[i]["rows"]]
+    firsts = shard_positions(inputs.shards, scans)
 
-    if not (work.root / RANGES_FILE).is_file():
+    tables = table_files(0)
+    if not (work.root / tables["table"]).is_file():
         runs = [work.path("scan", i, ".ids.parquet") for i in range(len(inputs.shards))]
-        get(tasks.merge_metadata.remote(runs, [s["path"] for s in inputs.sources], work.root))
+        offsets = [firsts[i] - shard.first_row for i, shard in enumerate(inputs.shards)]
+        get(tasks.merge_metadata.remote(runs, offsets, [s["path"] for s in inputs.sources], work.root))
     log.info("metadata of %d ids written (no id twice)", num_rows)
+    vectors = work.root / segment_file(0) if config.store_vectors else None
+    if vectors is not None:
+        create_segment(vectors, num_rows, dim)
 
     spec, num_shards = choose_served_index(num_rows, dim, config.memory_bytes, config.index, config.num_shards)
     on_disk = mergeable_on_disk(spec.factory)
@@ -101,7 +115,7 @@ def build_index(config: IndexConfig) -> IndexReport:
     num_queries = min(config.tune_queries, max(1, num_rows // 10))
     log.info("index %s over %d x %d in %d shard(s); %d tuning queries", spec.factory, num_rows, dim, num_shards,
              num_queries)
-    threads = faiss_cpus(0)
+    threads = largest_node_cpus()
     if not work.trained.is_file() or not work.queries.is_file():
         samples = [work.path("scan", i, ".sample.npz") for i in live]
         trained_on = get(tasks.train.options(num_cpus=threads).remote(
@@ -110,16 +124,20 @@ def build_index(config: IndexConfig) -> IndexReport:
 
     parts, found = _run_shards(work, "parts", len(inputs.shards), lambda i: tasks.encode_shard.remote(
         inputs.shards[i], work.queries, work.path("parts", i, ".exact.npz"), TUNE_K, work.trained,
-        work.path("parts", i, ".index") if on_disk and scans[i]["rows"] else None), record_partial)
+        work.path("parts", i, ".index") if on_disk and scans[i]["rows"] else None, vectors, firsts[i]),
+        record_partial)
     reused += found
     nodes.update(p["node"] for p in parts.values())
-    exact_ids = _exact_topk(work, len(inputs.shards))
+    with np.load(work.queries) as saved:
+        exact_ids = tasks.others(_exact_topk(work, len(inputs.shards)), saved["ids"], TUNE_K)
 
     shards = _write_index(work, inputs, spec, on_disk, live, num_shards, threads)
     manifest = {
         "format": "clip_platform index", "count": num_rows, "dim": dim, "metric": "inner_product",
         "factory": spec.factory, "layout": "ondisk" if on_disk else "memory", "search_parameters": {},
-        "shards": shards, "metadata": {"table": METADATA_FILE, "ranges": RANGES_FILE},
+        "shards": shards, "metadata": tables, "trained": work.trained.name, "generation": 0, "removed": None,
+        "vectors": {"dtype": "float16", "segments": [{"file": vectors.name, "first": 0, "rows": num_rows}]}
+        if vectors is not None else None,
         "sources": [{**s, "rows": sum(scans[i]["rows"] for i in range(len(inputs.shards))
                                       if inputs.shard_sources[i] == n)} for n, s in enumerate(inputs.sources)],
         "model": inputs.model, "build": plan}
@@ -168,6 +186,11 @@ def _run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[in
     return results, found
 
 
+def shard_positions(shards: Sequence, scans: dict[int, dict], first: int = 0) -> list[int]:
+    """Each shard's first row in the vector store: the shards' rows one after another, from `first`."""
+    return (first + np.cumsum([0] + [scans[i]["rows"] for i in range(len(shards))])[:-1]).tolist()
+
+
 def _corpus_shape(inputs: Inputs, scans: dict[int, dict], paths: Sequence[str]) -> tuple[int, int]:
     num_rows = sum(s["rows"] for s in scans.values())
     dims = {s["dim"]: inputs.shards[i].path for i, s in scans.items() if s["rows"]}
@@ -180,12 +203,12 @@ def _corpus_shape(inputs: Inputs, scans: dict[int, dict], paths: Sequence[str]) 
 
 
 def _exact_topk(work: BuildDir, num_shards: int) -> np.ndarray:
-    """The tuning queries' exact top-k ids, merged from every shard's (a few KB each)."""
+    """The tuning queries' exact top-(k+1) ids (themselves included), merged from every shard's."""
     best = None
     for shard in range(num_shards):
         with np.load(work.path("parts", shard, ".exact.npz")) as part:
             found = (part["scores"], part["ids"])
-        best = found if best is None else merge_topk([best, found], TUNE_K)
+        best = found if best is None else merge_topk([best, found], TUNE_K + 1)
     return best[1]
 
 

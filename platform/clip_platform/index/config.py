@@ -23,8 +23,10 @@ def parse_bytes(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    features: tuple[str, ...] | str  # feature PATH(s): embed shard folders, globs, Parquet or cn_clip JSONL files
-    output: str  # index directory (an interrupted build of the same input resumes there)
+    features: tuple[str, ...] | str = ()  # feature PATH(s): embed shard folders, globs, Parquet or cn_clip JSONL files
+    output: str = ""  # index directory (an interrupted build of the same input resumes there)
+    add: bool = False  # add --features to the index in --output, encoded with its trained quantizers
+    remove_ids: str = ""  # FILE of ids (one a line) to remove from the index in --output
     index: str = "auto"  # auto (from corpus size and --max-index-memory), flat, hnsw, ivf, or a faiss factory string
     max_index_memory: str = "4GB"  # memory the served index may take (codes and ids); more splits it in shards
     num_shards: int = 0  # index shards to write (0: one, or as many as --max-index-memory asks for)
@@ -32,14 +34,20 @@ class IndexConfig:
     tune_queries: int = 1000  # corpus vectors held out of training and used as tuning queries
     rows_per_shard: int = 131072  # feature rows per encoding task (Parquet: whole row groups; JSONL: a file)
     seed: int = 0  # sampling of the training rows and the tuning queries
+    store_vectors: bool = True  # keep the vectors in float16 beside the index: re-ranking of PQ codes, more-like-this
 
     def __post_init__(self):
         paths = (self.features,) if isinstance(self.features, str) else tuple(self.features)
-        if not paths or not all(paths):
-            raise ValueError("--features needs at least one PATH")
         object.__setattr__(self, "features", paths)
         if not self.output:
             raise ValueError("--output is required")
+        if self.remove_ids:
+            if paths or self.add:
+                raise ValueError("--remove-ids takes no --features or --add: it removes ids from --output's index")
+            config_io.check_not_empty(self.remove_ids, "--remove-ids")
+            return
+        if not paths or not all(paths):
+            raise ValueError("--features needs at least one PATH")
         if parse_bytes(self.max_index_memory) < 2**20:
             raise ValueError(f"--max-index-memory {self.max_index_memory} is under 1 MB")
         if not 0 < self.recall_target <= 1:
@@ -51,7 +59,8 @@ class IndexConfig:
             raise ValueError(f"--num-shards must not be negative, got {self.num_shards}")
         for path in paths:
             config_io.check_not_empty(path, "--features")
-        config_io.check_output(self.output, "--output", directory=True)
+        if not self.add:
+            config_io.check_output(self.output, "--output", directory=True)
 
     @property
     def memory_bytes(self) -> int:

@@ -1,30 +1,42 @@
-"""The id -> metadata table of an index: which file and row each id came from (and its
-`path` where the embed shards keep one), sorted by id, readable a row group at a time.
+"""The id table of an index: which file and row each id came from (and its `path` where
+the embed shards keep one), and where its vector is stored, sorted by id and read
+without loading it whole.
 
-Built without holding it: every encoding shard writes its rows as a run sorted by id
+Built without holding it: every scan task writes its shard's rows as a run sorted by id
 (`write_id_run`), and `merge_id_runs` merges the runs a batch of each at a time, which
-is also where a duplicate id shows up (equal neighbours), named with both places.
+is also where a duplicate id shows up (equal neighbours), named with both places. An
+added batch of features merges its runs with the current table; removed ids are left
+out of the next table.
 
-    metadata.parquet      id int64, file (dictionary string), row int64[, path string]
-    metadata.ranges.npy   [row groups, 2] first and last id of each row group: a lookup
-                          reads only the row groups its ids fall in
+    metadata.parquet   id int64, file (dictionary string), row int64, position int64[, path string],
+                       in id order, in row groups of GROUP_ROWS rows
+    ids.npy            the same ids, int64: an id's rank (np.searchsorted, memory-mapped) is its row
+                       in the table, so a lookup reads only the row groups of the ids asked for
+    positions.npy      each id's row in the vector store (vectors.VectorStore)
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io import atomic_path
 
-METADATA_FILE = "metadata.parquet"
-RANGES_FILE = "metadata.ranges.npy"
 GROUP_ROWS = 65536  # rows per row group: the unit a lookup reads
 MERGE_BATCH_ROWS = 65536  # rows read from each run at a time while merging
+
+
+def table_files(generation: int) -> dict[str, str]:
+    """The id table's files of one generation (the build's is 0; each --add / --remove-ids
+    writes the next beside it, and the manifest switches to it in one write)."""
+    suffix = f"-{generation:05d}" if generation else ""
+    return {"table": f"metadata{suffix}.parquet", "ids": f"ids{suffix}.npy", "positions": f"positions{suffix}.npy"}
 
 
 def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_row: int,
@@ -40,22 +52,36 @@ def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_ro
         pq.write_table(pa.table(columns), tmp)
 
 
-def _batches(run: Path, with_path: bool) -> Iterator[pa.Table]:
+def _batches(run: Path, with_path: bool, offset: int | None, drop: np.ndarray) -> Iterator[pa.Table]:
+    """A run's rows as (id, source, row, position[, path]) batches: a scan run's positions are
+    its rows + `offset`; a previous id table (offset None) has them, and its file numbers."""
     for batch in pq.ParquetFile(run).iter_batches(batch_size=MERGE_BATCH_ROWS):
         table = pa.Table.from_batches([batch])
+        if offset is None:
+            table = table.set_column(table.schema.get_field_index("file"), "source",
+                                     table.column("file").combine_chunks().indices)
+        else:
+            table = table.append_column("position", pc.add(table.column("row"), offset))
         if with_path and "path" not in table.column_names:
             table = table.append_column("path", pa.nulls(len(table), pa.string()))
-        yield table
+        if len(drop):
+            table = table.filter(pa.array(~np.isin(table.column("id").to_numpy(), drop)))
+        yield table.select(["id", "source", "row", "position"] + (["path"] if with_path else []))
 
 
-def merge_id_runs(runs: Sequence[Path], sources: Sequence[str], directory: str | os.PathLike) -> int:
-    """Merge the sorted runs into `directory`'s metadata table and its ranges; returns the
-    rows written. A duplicate id is a ValueError naming the id and both of its places."""
+def merge_id_runs(runs: Sequence[Path], offsets: Sequence[int | None], sources: Sequence[str],
+                  directory: str | os.PathLike, generation: int = 0, drop: np.ndarray | None = None) -> int:
+    """Merge the sorted runs into `directory`'s id table of `generation`, leaving out the ids in
+    `drop`; returns the rows written. A run's offset turns its rows into vector positions (None:
+    the run is a previous id table; every id in `drop` must be in it). A duplicate id is a
+    ValueError naming both of its places."""
+    drop = np.zeros(0, np.int64) if drop is None else np.unique(np.asarray(drop, np.int64))
     with_path = any("path" in pq.read_schema(run).names for run in runs)
-    readers = [_batches(run, with_path) for run in runs]
+    total = sum(pq.ParquetFile(run).metadata.num_rows for run in runs) - len(drop)
+    readers = [_batches(run, with_path, offset, drop) for run, offset in zip(runs, offsets)]
     pending: list[pa.Table | None] = [None] * len(runs)
     files = pa.array(list(sources), pa.string())
-    writer = _GroupWriter(Path(directory), with_path)
+    writer = _TableWriter(Path(directory), table_files(generation), with_path, total)
     last_id = None
     with writer:
         while True:
@@ -64,13 +90,11 @@ def merge_id_runs(runs: Sequence[Path], sources: Sequence[str], directory: str |
                     pending[i] = next(reader, None)
                     if pending[i] is None:
                         readers[i] = reader = None
-            live = [t for t in pending if t is not None and len(t)]
-            if not live:
+            if not any(t is not None and len(t) for t in pending):
                 break
             # Ids up to the smallest last id of a run still being read are final: no run holds a smaller one later.
-            bound = min(t.column("id")[-1].as_py() for i, t in enumerate(pending)
-                        if t is not None and len(t) and readers[i] is not None) \
-                if any(r is not None for r in readers) else None
+            bound = min((t.column("id")[-1].as_py() for i, t in enumerate(pending)
+                         if t is not None and len(t) and readers[i] is not None), default=None)
             parts = []
             for i, table in enumerate(pending):
                 if table is None or not len(table):
@@ -100,26 +124,30 @@ def _check_unique(table: pa.Table, last_id: int | None, sources: Sequence[str]) 
                          f"row {first['row']}); ids must be unique")
 
 
-class _GroupWriter:
-    """Rows in id order -> row groups of exactly GROUP_ROWS, and each group's id range."""
+class _TableWriter:
+    """Rows in id order -> the Parquet table in row groups of GROUP_ROWS, and the id and
+    position arrays beside it, written through memory maps (`rows` of them, known ahead)."""
 
-    def __init__(self, directory: Path, with_path: bool):
-        self.directory, self.with_path = directory, with_path
+    def __init__(self, directory: Path, names: dict[str, str], with_path: bool, rows: int):
+        self.directory, self.names, self.with_path, self.rows = directory, names, with_path, rows
         self.buffer: list[pa.Table] = []
         self.buffered = self.num_rows = 0
-        self.ranges: list[tuple[int, int]] = []
 
     def __enter__(self):
-        self._atomic = atomic_path(self.directory / METADATA_FILE)
-        tmp = self._atomic.__enter__()
-        fields = [("id", pa.int64()), ("file", pa.dictionary(pa.int32(), pa.string())), ("row", pa.int64())]
-        self.writer = pq.ParquetWriter(tmp, pa.schema(fields + ([("path", pa.string())] if self.with_path else [])))
+        self._files = ExitStack()
+        tmp = {name: self._files.enter_context(atomic_path(self.directory / self.names[name]))
+               for name in ("table", "ids", "positions")}
+        self.arrays = {name: np.lib.format.open_memmap(tmp[name], "w+", np.int64, (self.rows,))
+                       for name in ("ids", "positions")}
+        fields = [("id", pa.int64()), ("file", pa.dictionary(pa.int32(), pa.string())), ("row", pa.int64()),
+                  ("position", pa.int64())] + ([("path", pa.string())] if self.with_path else [])
+        self.writer = pq.ParquetWriter(tmp["table"], pa.schema(fields))
         return self
 
     def write(self, table: pa.Table, files: pa.Array) -> None:
         columns = {"id": table.column("id"),
                    "file": pa.DictionaryArray.from_arrays(table.column("source").combine_chunks(), files),
-                   "row": table.column("row")}
+                   "row": table.column("row"), "position": table.column("position")}
         if self.with_path:
             columns["path"] = table.column("path")
         self.buffer.append(pa.table(columns))
@@ -131,41 +159,65 @@ class _GroupWriter:
         merged = pa.concat_tables(self.buffer)
         group, rest = merged.slice(0, rows), merged.slice(rows)
         self.writer.write_table(group, row_group_size=rows)
-        ids = group.column("id")
-        self.ranges.append((ids[0].as_py(), ids[-1].as_py()))
-        self.num_rows += len(group)
+        end = self.num_rows + len(group)
+        self.arrays["ids"][self.num_rows:end] = group.column("id").to_numpy()
+        self.arrays["positions"][self.num_rows:end] = group.column("position").to_numpy()
+        self.num_rows = end
         self.buffer, self.buffered = [rest], len(rest)
 
     def __exit__(self, *exc_info):
+        error = exc_info[1]
         try:
-            if exc_info[0] is None and self.buffered:
+            if error is None and self.buffered:
                 self._flush(self.buffered)
             self.writer.close()
-        finally:
-            self._atomic.__exit__(*exc_info)
-        if exc_info[0] is None:
-            with atomic_path(self.directory / RANGES_FILE) as tmp, open(tmp, "wb") as out:
-                np.save(out, np.asarray(self.ranges, np.int64).reshape(-1, 2))
+            for values in self.arrays.values():
+                values.flush()
+            self.arrays.clear()
+            if error is None and self.num_rows != self.rows:
+                raise RuntimeError(f"id table of {self.num_rows} rows, {self.rows} expected")
+        except BaseException as exc:  # nothing is renamed into place
+            error = error or exc
+        if error is None:
+            self._files.close()  # every file renamed into place
+            return False
+        self._files.__exit__(type(error), error, error.__traceback__)  # every temporary file removed
+        if error is not exc_info[1]:
+            raise error
         return False
 
 
 class Metadata:
-    """Reads an index's metadata table by id, one row group per range of ids asked for."""
+    """An index's id table: ranks by binary search over the memory-mapped ids, rows read
+    a row group at a time."""
 
-    def __init__(self, directory: str | os.PathLike):
-        directory = Path(directory)
-        self.file = pq.ParquetFile(directory / METADATA_FILE)
-        self.ranges = np.load(directory / RANGES_FILE)
+    def __init__(self, directory: str | os.PathLike, files: dict[str, str] | None = None):
+        directory, files = Path(directory), files or table_files(0)
+        self.file = pq.ParquetFile(directory / files["table"])
+        self.group_rows = self.file.metadata.row_group(0).num_rows if self.file.metadata.num_row_groups else 1
+        self.ids = np.load(directory / files["ids"], mmap_mode="r")
+        self.positions = np.load(directory / files["positions"], mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def ranks(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Each id's row in the table, -1 for ids not in the index."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        ranks = np.searchsorted(self.ids, ids)
+        inside = ranks < len(self.ids)
+        inside[inside] = self.ids[ranks[inside]] == ids[inside]
+        return np.where(inside, ranks, -1)
 
     def lookup(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
         """{id: {"file", "row"[, "path"]}} for the ids present (ids not in the index are left out)."""
-        ids = np.unique(np.asarray(ids, np.int64))
-        groups = np.searchsorted(self.ranges[:, 1], ids, side="left")
+        ranks = np.unique(self.ranks(ids))
+        ranks = ranks[ranks >= 0]
         found: dict[int, dict] = {}
-        for group in np.unique(groups[groups < len(self.ranges)]).tolist():
+        groups = ranks // self.group_rows
+        for group in np.unique(groups).tolist():
             table = self.file.read_row_group(group)
-            wanted = ids[groups == group]
-            keep = np.isin(table.column("id").to_numpy(), wanted)
-            for row in table.filter(pa.array(keep)).to_pylist():
+            rows = ranks[groups == group] - group * self.group_rows
+            for row in table.take(pa.array(rows)).drop_columns(["position"]).to_pylist():
                 found[row.pop("id")] = row
         return found

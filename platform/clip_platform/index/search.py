@@ -2,42 +2,66 @@
 
 The index files are memory-mapped (IVF inverted lists on disk, read through the page
 cache), so a process opening a 100 GB index holds its coarse centroids, not its codes.
-Index shards are searched in turn and their top-k merged. No Ray here.
+Index shards are searched in turn and their top-k merged (`open_index(DIR, shards=[...])`
+opens some of them, for a search replica). With re-ranking (a tuned search parameter),
+k x rerank candidates are re-scored against the stored vectors. Removed ids are skipped
+inside FAISS's scan (an id selector), so they cost no result slots. No Ray here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..batch.faiss_index import search_index
-from ..batch.topk import merge_topk
+from ..batch.topk import merge_topk, sort_rows
+from .metadata import Metadata
+from .vectors import VectorStore
 from .workdir import BuildDir
+
+FAISS_PARAMETERS = ("nprobe", "efSearch", "quantizer_efSearch")
 
 
 class ServedIndex:
-    """A built index, its search parameters those the build tuned (or `params`)."""
+    """A built index (or some of its shards), its search parameters those the build tuned
+    (or set with `set_parameters`)."""
 
-    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any]):
+    def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], shards: Sequence[int] | None = None):
         import faiss
 
         self.directory, self.manifest = Path(directory), manifest
         self.dim, self.ntotal = manifest["dim"], manifest["count"]
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest["layout"] == "ondisk" else faiss.IO_FLAG_MMAP
-        self.shards = [faiss.read_index(str(self.directory / shard["index"]), flags) for shard in manifest["shards"]]
+        self.shard_numbers = list(range(len(manifest["shards"]))) if shards is None else list(shards)
+        with _quiet_stdout():  # FAISS prints a line per on-disk index it opens
+            self.shards = [faiss.read_index(str(self.directory / manifest["shards"][n]["index"]), flags)
+                           for n in self.shard_numbers]
+        self.metadata = Metadata(self.directory, manifest["metadata"])
+        stored = manifest.get("vectors")
+        self.store = VectorStore(self.directory, stored["segments"]) if stored else None
+        removed = manifest.get("removed")
+        self.removed = np.load(self.directory / removed["file"]) if removed else np.zeros(0, np.int64)
         self.set_parameters(manifest["search_parameters"])
 
     def set_parameters(self, params: dict[str, int]) -> None:
-        """FAISS search parameters (nprobe, efSearch, quantizer_efSearch), on every shard."""
+        """FAISS search parameters (nprobe, efSearch, quantizer_efSearch) on every shard, and
+        `rerank` (candidates re-scored per result, 0: none)."""
         import faiss
 
         space = faiss.ParameterSpace()
         for shard in self.shards:
             for name, value in params.items():
-                space.set_index_parameter(shard, name, value)
+                if name in FAISS_PARAMETERS:
+                    space.set_index_parameter(shard, name, value)
         self.params = dict(params)
+        self.rerank = int(params.get("rerank", 0)) if self.store is not None else 0
+        self._search_params = _selector_parameters(self.removed, self.params) if len(self.removed) else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) [n, k] by inner product, in (score desc, id asc) order; slots no
@@ -45,8 +69,69 @@ class ServedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape}: the index holds {self.dim}-dimensional vectors")
-        parts = [search_index(shard, queries, None, k) for shard in self.shards if shard.ntotal]
-        return parts[0] if len(parts) == 1 else merge_topk(parts, k)
+        fetch = k * max(1, self.rerank)
+        parts = [search_index(shard, queries, None, fetch, self._search_params)
+                 for shard in self.shards if shard.ntotal]
+        if not parts:
+            return np.full((len(queries), 0), -np.inf, np.float32), np.full((len(queries), 0), -1, np.int64)
+        scores, ids = parts[0] if len(parts) == 1 else merge_topk(parts, fetch)
+        if self.rerank:
+            scores = self._exact_scores(queries, ids)
+        return sort_rows(scores, ids, k) if self.rerank or scores.shape[1] > k else (scores, ids)
+
+    def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        found, vectors = self.vectors(ids.reshape(-1))
+        scores = np.einsum("nkd,nd->nk", vectors.reshape(*ids.shape, self.dim), queries)
+        return np.where(found.reshape(ids.shape), scores, -np.inf).astype(np.float32)
+
+    def lookup(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
+        """{id: {"file", "row"[, "path"]}}: where each id present came from."""
+        return self.metadata.lookup(ids)
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found bool [n], vectors float32 [n, dim]): the stored vector of each id (zeros where
+        the id is not in the index). Needs an index built with its vectors stored."""
+        if self.store is None:
+            raise ValueError(f"{self.directory} was built without its vectors (--no-store-vectors)")
+        ranks = self.metadata.ranks(ids)
+        found = ranks >= 0
+        vectors = np.zeros((len(ranks), self.dim), np.float32)
+        if found.any():
+            vectors[found] = self.store.get(self.metadata.positions[ranks[found]])
+        return found, vectors
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """File descriptor 1 sent to /dev/null (FAISS's C++ printf), then restored."""
+    sys.stdout.flush()
+    with _STDOUT_LOCK, open(os.devnull, "w") as null:
+        saved = os.dup(1)
+        try:
+            os.dup2(null.fileno(), 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+def _selector_parameters(removed: np.ndarray, params: dict[str, int]):
+    """FAISS SearchParameters that skip the removed ids, carrying the search parameters too
+    (SearchParameters given to a search replace the index's own settings)."""
+    import faiss
+
+    selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(removed))
+    if "efSearch" in params and "nprobe" not in params:
+        search = faiss.SearchParametersHNSW(sel=selector, efSearch=params["efSearch"])
+    else:
+        search = faiss.SearchParametersIVF(sel=selector, nprobe=params.get("nprobe", 1))
+        if "quantizer_efSearch" in params:
+            search.quantizer_params = faiss.SearchParametersHNSW(efSearch=params["quantizer_efSearch"])
+    search.keep_alive = selector  # SWIG does not keep the selector alive for us
+    return search
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
@@ -58,5 +143,6 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def open_index(directory: str | os.PathLike) -> ServedIndex:
-    return ServedIndex(directory, read_manifest(directory))
+def open_index(directory: str | os.PathLike, shards: Sequence[int] | None = None) -> ServedIndex:
+    """The finished index in `directory`, memory-mapped: all its shards, or those numbered in `shards`."""
+    return ServedIndex(directory, read_manifest(directory), shards)

@@ -19,7 +19,8 @@ from ..batch.topk import exact_topk
 from ..io import atomic_path
 from .metadata import merge_id_runs, write_id_run
 from .search import ServedIndex
-from .tune import tune
+from .tune import rerank_factor, tune
+from .vectors import write_rows
 
 RETRIES = 3  # system failures (a node or worker lost); user errors are never retried
 
@@ -52,26 +53,30 @@ def sample_rows(dim: int, extra: int) -> int:
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
-def scan_shard(shard: FeatureShard, source: int, run_path: Path, sample_path: Path, known_rows: int | None,
+def scan_shard(shard: FeatureShard, source: int, run_path: Path, sample_path: Path | None, known_rows: int | None,
                extra_rows: int, seed: int, number: int) -> dict:
     """Check one shard, write its sorted id run, and keep its rows of smallest random key:
-    across all shards, the pool's smallest keys are a uniform sample of the corpus."""
+    across all shards, the pool's smallest keys are a uniform sample of the corpus (no
+    sample_path: no sample, as for features added to a trained index)."""
     features = shard.read()
     check_unique_ids(features.ids, shard.path)  # row-group shards are read unchecked
     write_id_run(run_path, features.ids, source, shard.first_row, shard.read_paths())
+    if sample_path is None:
+        return {"rows": len(features), "dim": features.dim, "node": node_id()}
     keys = np.random.default_rng([seed, number]).random(len(features))
     cap = sample_rows(max(1, features.dim), extra_rows)
     # With the corpus size known, a row can only be among the pool's smallest keys with a key under
     # about cap / N: twice that keeps every candidate while shipping ~2x the pool, not every shard's cap.
     pick = np.flatnonzero(keys < (min(1.0, 2 * cap / known_rows) if known_rows else 1.0))
     pick = pick[np.argsort(keys[pick], kind="stable")[:cap]]
-    _save_arrays(sample_path, keys=keys[pick], vectors=features.vectors[pick])
+    _save_arrays(sample_path, keys=keys[pick], vectors=features.vectors[pick], ids=features.ids[pick])
     return {"rows": len(features), "dim": features.dim, "node": node_id()}
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
-def merge_metadata(runs: Sequence[Path], sources: Sequence[str], directory: Path) -> int:
-    return merge_id_runs(runs, sources, directory)
+def merge_metadata(runs: Sequence[Path], offsets: Sequence[int | None], sources: Sequence[str], directory: Path,
+                   generation: int = 0, drop: np.ndarray | None = None) -> int:
+    return merge_id_runs(runs, offsets, sources, directory, generation, drop)
 
 
 @ray.remote(max_retries=RETRIES)
@@ -82,14 +87,14 @@ def train(factory: str, dim: int, samples: Sequence[Path], num_queries: int, tra
     import faiss
 
     want = num_queries + train_rows
-    keys, vectors = np.zeros(0), np.zeros((0, dim), np.float32)
+    keys, vectors, ids = np.zeros(0), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
     for path in samples:  # a running pool of the smallest keys: memory stays at two pools
         with np.load(path) as part:
             keys, vectors = np.concatenate([keys, part["keys"]]), np.concatenate([vectors, part["vectors"]])
+            ids = np.concatenate([ids, part["ids"]])
         keep = np.argsort(keys, kind="stable")[:want]
-        keys, vectors = keys[keep], vectors[keep]
-    with atomic_path(queries_path) as tmp, open(tmp, "wb") as out:
-        np.save(out, vectors[:num_queries])
+        keys, vectors, ids = keys[keep], vectors[keep], ids[keep]
+    _save_arrays(queries_path, vectors=vectors[:num_queries], ids=ids[:num_queries])
     index = new_index(factory, dim)
     if not index.is_trained:
         faiss.omp_set_num_threads(threads)
@@ -99,15 +104,21 @@ def train(factory: str, dim: int, samples: Sequence[Path], num_queries: int, tra
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
-def encode_shard(shard: FeatureShard, queries_path: Path, exact_path: Path, k: int, trained_path: Path | None,
-                 part_path: Path | None) -> dict:
+def encode_shard(shard: FeatureShard, queries_path: Path | None, exact_path: Path | None, k: int,
+                 trained_path: Path | None, part_path: Path | None, vectors_path: Path | None,
+                 vectors_first: int) -> dict:
     """The exact top-k of the tuning queries over this shard (their ground truth, merged over
-    shards by the driver) and, for on-disk indexes, the shard's partial index."""
+    shards by the driver; none for added features), the shard's rows in the vector store
+    from row `vectors_first` and, for on-disk indexes, the shard's partial index."""
     import faiss
 
     features = shard.read()
-    scores, ids = exact_topk(np.load(queries_path), features.vectors, features.ids, k)
-    _save_arrays(exact_path, scores=scores, ids=ids)
+    if queries_path is not None:
+        with np.load(queries_path) as queries:
+            scores, ids = exact_topk(queries["vectors"], features.vectors, features.ids, k + 1)  # + the query itself
+        _save_arrays(exact_path, scores=scores, ids=ids)
+    if vectors_path is not None:
+        write_rows(vectors_path, vectors_first, features.vectors)
     if part_path is not None and len(features):
         index = faiss.read_index(str(trained_path))
         index.add_with_ids(features.vectors, features.ids)
@@ -148,14 +159,24 @@ def merge_parts(trained_path: Path, parts: Sequence[Path], index_path: Path, ivf
 def tune_index(directory: Path, manifest: dict, queries_path: Path, exact_ids: np.ndarray, target: float,
                k: int) -> dict:
     index = ServedIndex(directory, manifest)
-    queries = np.load(queries_path)
+    with np.load(queries_path) as saved:
+        queries, query_ids = saved["vectors"], saved["ids"]
 
     def recall_of(params: dict[str, int]) -> float:
         index.set_parameters(params)
-        return recall_at_k(index.search(queries, k)[1], exact_ids)
+        return recall_at_k(others(index.search(queries, k + 1)[1], query_ids, k), exact_ids)
 
-    tuned = tune(manifest["factory"], recall_of, target, k)
+    tuned = tune(manifest["factory"], recall_of, target, k, rerank_factor(manifest["factory"],
+                                                                          manifest["vectors"] is not None))
     return {"params": tuned.params, "recall": tuned.recall, "trials": tuned.trials}
+
+
+def others(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """The first k of each row of `found` (ids [n, >k]) other than the row's query itself:
+    the tuning queries are corpus vectors, and finding oneself is no measure of an index."""
+    self_hit = found == own[:, None]
+    self_hit[~self_hit.any(axis=1), -1] = True  # the query not found: drop the last instead
+    return found[~self_hit].reshape(len(found), -1)[:, :k]
 
 
 def file_bytes(paths: Sequence[Path]) -> int:

@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 
 MAX_EF_SEARCH = 4096
 MIN_QUANTIZER_EF = 64  # an HNSW coarse quantizer must find at least nprobe lists, with room to spare
+RERANK = 8  # PQ codes: candidates re-scored per result, to begin with
+MAX_RERANK = 64
+PLATEAU = 0.005  # recall gained by doubling the knob below which re-ranking is raised instead
 
 
 @dataclass
@@ -21,38 +24,59 @@ class Tuned:
     trials: list[tuple[int, float]] = field(default_factory=list)  # (value, recall) tried, for the manifest
 
 
-def search_parameters(factory: str, value: int) -> dict[str, int]:
-    """The FAISS parameters for one setting of the tuned knob of `factory`."""
+def search_parameters(factory: str, value: int, rerank: int = 0) -> dict[str, int]:
+    """The search parameters for one setting of the tuned knob of `factory`, with `rerank`
+    candidates per result re-scored against the stored vectors (0: none)."""
+    params: dict[str, int] = {}
     if "IVF" in factory:
-        params = {"nprobe": value}
+        params["nprobe"] = value
         if re.search(r"IVF\d+_HNSW", factory):
             params["quantizer_efSearch"] = max(MIN_QUANTIZER_EF, 2 * value)
-        return params
-    return {"efSearch": value} if "HNSW" in factory else {}
+    elif "HNSW" in factory:
+        params["efSearch"] = value
+    return {**params, "rerank": rerank} if rerank else params
 
 
-def tune(factory: str, recall_of: Callable[[dict[str, int]], float], target: float, k: int) -> Tuned:
+def rerank_factor(factory: str, vectors_stored: bool) -> int:
+    """Candidates per result to re-score: PQ codes rank coarsely (an 8-bit PQ of 32 bytes for
+    512 dimensions confuses close neighbours), so their k x RERANK best are re-scored from the
+    stored vectors; flat and scalar codes rank finely enough without."""
+    return RERANK if vectors_stored and re.search(r"PQ\d", factory) else 0
+
+
+def tune(factory: str, recall_of: Callable[[dict[str, int]], float], target: float, k: int,
+         rerank: int = 0) -> Tuned:
     """The cheapest setting of `factory`'s knob with recall_of(params) >= target, or the most
-    accurate one tried when none reaches it (logged)."""
+    accurate one tried when none reaches it (logged). With re-ranking, a recall that stops
+    growing with the knob is the codes' limit: the candidates re-scored are doubled (up to
+    MAX_RERANK), and the knob is then bisected at that re-ranking."""
     nlist = re.search(r"IVF(\d+)", factory)
     low, high = (1, int(nlist.group(1))) if nlist else (max(16, k), MAX_EF_SEARCH) if "HNSW" in factory else (0, 0)
     tuned = Tuned({}, 0.0)
 
     def measure(value: int) -> float:
-        recall = recall_of(search_parameters(factory, value))
-        tuned.trials.append((value, recall))
-        log.info("%s %s: recall@%d %.4f", factory, search_parameters(factory, value) or "as built", k, recall)
+        params = search_parameters(factory, value, rerank)
+        recall = recall_of(params)
+        tuned.trials.append((value, recall) if not rerank else (value, rerank, recall))
+        log.info("%s %s: recall@%d %.4f", factory, params or "as built", k, recall)
         return recall
 
     if not high:  # nothing to tune (a flat scan, a factory without a knob)
-        return Tuned({}, measure(0), tuned.trials)
-    failed, value = low - 1, low
-    while (recall := measure(value)) < target and value < high:
-        failed, value = value, min(high, 2 * value)
+        while (recall := measure(0)) < target and 0 < rerank < MAX_RERANK:
+            rerank *= 2
+        return Tuned(search_parameters(factory, 0, rerank), recall, tuned.trials)
+    failed, value, previous = low - 1, low, -1.0
+    while (recall := measure(value)) < target:
+        if rerank and rerank < MAX_RERANK and (value == high or recall - previous < PLATEAU):
+            rerank, previous = rerank * 2, -1.0  # the codes' limit: re-score more candidates, same knob
+            continue
+        if value == high:
+            break
+        failed, value, previous = value, min(high, 2 * value), recall
     if recall < target:
         log.warning("recall@%d %.4f at the largest setting (%s): the target %.2f is out of reach of %s", k, recall,
-                    search_parameters(factory, value), target, factory)
-        return Tuned(search_parameters(factory, value), recall, tuned.trials)
+                    search_parameters(factory, value, rerank), target, factory)
+        return Tuned(search_parameters(factory, value, rerank), recall, tuned.trials)
     best = (value, recall)
     while best[0] - failed > 1:  # the smallest passing value lies in (failed, best]
         middle = (failed + best[0]) // 2
@@ -61,5 +85,4 @@ def tune(factory: str, recall_of: Callable[[dict[str, int]], float], target: flo
             best = (middle, recall)
         else:
             failed = middle
-    return Tuned(search_parameters(factory, best[0]), best[1], tuned.trials)
-
+    return Tuned(search_parameters(factory, best[0], rerank), best[1], tuned.trials)

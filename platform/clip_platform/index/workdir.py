@@ -2,10 +2,12 @@
 
     manifest.json                 written last: the index is finished when it is there
     populated.index, merged.ivfdata   (or populated-00000.index, merged-00000.ivfdata, ... per shard)
-    metadata.parquet, metadata.ranges.npy
+    metadata.parquet, ids.npy, positions.npy   the id table (metadata.py)
+    vectors-00000.npy             the vectors in float16 (vectors.py)
+    trained.index                 the trained, empty index: --add encodes with it
     _build/plan.json              the inputs and settings this work belongs to
     _build/scan/00007.*           shard 7's sorted id run, its random sample, its record
-    _build/queries.npy, trained.index
+    _build/queries.npz            the tuning queries: vectors and ids
     _build/parts/00007.*          shard 7's partial index, the exact top-k of the tuning queries over
                                   its rows, and its record
 
@@ -33,9 +35,9 @@ def index_files(shard: int, num_shards: int) -> tuple[str, str]:
 
 
 class BuildDir:
-    def __init__(self, output: str | Path):
+    def __init__(self, output: str | Path, work: str = WORK):
         self.root = Path(output)
-        self.work = self.root / WORK
+        self.work = self.root / work
 
     # -- whole-build state
     def manifest(self) -> dict[str, Any] | None:
@@ -50,7 +52,7 @@ class BuildDir:
                 return manifest
             raise ValueError(f"{self.root} holds an index built from other features or settings; "
                              f"give another --output or delete it")
-        saved = _read_json(self.work / "plan.json")
+        saved = self.saved_plan()
         if saved is not None and saved != plan:
             differs = ", ".join(key for key in plan if plan[key] != saved.get(key))
             raise ValueError(f"{self.root} holds an unfinished build of other {differs}; "
@@ -63,6 +65,13 @@ class BuildDir:
 
     def finish(self, manifest: dict[str, Any]) -> None:
         write_json(self.root / MANIFEST, manifest, indent=1)
+        self.clear()
+
+    def saved_plan(self) -> dict[str, Any] | None:
+        return _read_json(self.work / "plan.json")
+
+    def clear(self) -> None:
+        """The work folder goes: everything in it is in the finished index."""
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- steps of one shard: "scan" or "parts"
@@ -77,11 +86,11 @@ class BuildDir:
 
     @property
     def queries(self) -> Path:
-        return self.work / "queries.npy"
+        return self.work / "queries.npz"
 
     @property
     def trained(self) -> Path:
-        return self.work / "trained.index"
+        return self.root / "trained.index"
 
 
 def _read_json(path: Path) -> Any:
