@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     from ray import serve
 
     from serve.app import ServeConfig, build_app, enable_direct_ingress, gateway_urls
+    from serve.config import check_inputs
 
     parser = config.parser(ServeConfig, __doc__)
     parser.add_argument("--checkpoint", action="append", required=True, help="[name=]checkpoint; repeat for more")
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
                         help="serve HTTP through Serve's proxy only (the Gateway replica opens no port of its own)")
     args = parser.parse_args(argv)
     serve_config = config.from_args(ServeConfig, args, {"checkpoints": parse_checkpoints(args.checkpoint)})
+    check_inputs(serve_config)  # before Ray starts: a bad checkpoint or path is one line, exit 2
     if args.direct_ingress:
         enable_direct_ingress()  # read by the Ray processes ray.init starts below
     ray.init()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from . import _ray_compat
-from .config import ServeConfig
+from .config import ServeConfig, check_inputs
 from .encoder import Encoder
 from .gateway import Gateway, api
 
@@ -69,4 +69,6 @@ def gateway_urls(app_name: str, host: str, proxy_port: int, timeout_s: float = 6
 
 def app_builder(args: dict):
     """For `serve run serve/config.yaml`: args are ServeConfig fields."""
-    return build_app(ServeConfig(**args))
+    config = ServeConfig(**args)
+    check_inputs(config)
+    return build_app(config)

@@ -3,6 +3,7 @@ flags and of `serve/config.yaml`'s `args`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000  # decompression bombs are refused before decoding
     max_text_chars: int = 1000  # longer texts (and filled prompts) are refused; tokens beyond context_length are cut
     max_prompts: int = 1024  # /classify: labels x templates per request
+    request_body_timeout_s: float = 30.0  # a request's body must arrive within this; slower clients get 408
     context_length: int = 52  # token limit per text, [CLS] and [SEP] included
     max_batch_size: int = 64  # texts per model batch (@serve.batch gathers them across requests)
     max_image_batch_size: int = 16  # images per model batch
@@ -40,10 +42,32 @@ class ServeConfig:
             raise ValueError("max_batch_size, max_image_batch_size and max_models_per_replica must be >= 1")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0 (0: one per reserved CPU)")
+        if self.request_body_timeout_s <= 0:
+            raise ValueError(f"request_body_timeout_s must be > 0, got {self.request_body_timeout_s}")
         for name in ("max_items", "max_image_bytes", "max_text_chars", "max_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: max_items images of max_image_bytes in base64, and 1 MiB for the rest."""
+        return self.max_items * -(-self.max_image_bytes * 4 // 3) + 2**20
+
+    @property
     def default_model(self) -> str:
         return next(iter(self.checkpoints))
+
+
+def check_inputs(config: ServeConfig) -> None:
+    """Before any replica starts: every checkpoint is one clip_models can load (with positions
+    for context_length tokens) and the index files are there, so a mistake is one line rather
+    than replicas failing to start."""
+    from clip_platform.config import check_model
+
+    for source in config.checkpoints.values():
+        check_model(source, config.context_length)
+    for flag, path, is_there in (("--index", config.index, Path.exists), ("--index-images", config.index_images,
+                                                                          Path.is_file)):
+        if path and not is_there(Path(path)):
+            raise FileNotFoundError(f"{flag} {path} does not exist" if not Path(path).exists() else
+                                    f"{flag} {path} is not a file")

@@ -24,6 +24,7 @@ from clip_platform.batch.templates import PLACEHOLDER, ZH_TEMPLATES
 from .batching import chunks
 from .config import ServeConfig
 from .images import ImageStore, image_media_type
+from .limits import RequestBodyLimits
 from .schemas import (ClassifyRequest, EmbeddingsRequest, ImagesRequest, ImagesUpload, SearchRequest, TextsRequest,
                       floats)
 from .search import Index
@@ -32,6 +33,7 @@ PAGE = Path(__file__).with_name("index.html")
 
 api = FastAPI(title="Chinese-CLIP on Ray Serve",
               description="Embeddings, zero-shot classification and search with Chinese-CLIP models.")
+api.add_middleware(RequestBodyLimits)  # before @serve.ingress takes its copy of the app
 
 
 @functools.cache
@@ -66,6 +68,7 @@ def validated(schema: type[BaseModel], data) -> BaseModel:
 @serve.ingress(api)
 class Gateway:
     def __init__(self, encoder, config: ServeConfig):
+        RequestBodyLimits.configure(config.request_body_timeout_s, config.max_body_bytes)
         self.encoder = encoder
         self._coalesced_texts.set_max_batch_size(config.max_batch_size)
         # One handle per model: Serve routes each to replicas that already hold that model.
@@ -157,7 +160,8 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self):
         return {"status": "ok", "index": len(self.index.ids) if self.index else 0,
-                "images": len(self.images) if self.images else 0}
+                "images": len(self.images) if self.images else 0,
+                "images_skipped": self.images.num_bad if self.images else 0}  # malformed --index-images lines
 
     @api.get("/models")
     async def models(self):

@@ -31,6 +31,7 @@ from conftest import TINY_VIT, start_local_ray
 from helpers import write_features_jsonl
 
 pytestmark = pytest.mark.slow
+BODY_TIMEOUT_S = 2.0  # the service's request_body_timeout_s
 SERVICE_CHECKPOINTS: dict[str, str] = {}  # filled by the service fixture
 MODELS: dict[str, clip_models.CLIP] = {}  # the same models, in this process
 
@@ -73,13 +74,15 @@ def service(tmp_path_factory, _ray_session):
     write_features_jsonl(root / "index.jsonl", Features(np.arange(100, 106), vectors), "image_id")
     (root / "meta.jsonl").write_text("".join(f'{{"image_id": {100 + i}, "colour": "{c}"}}\n'
                                              for i, c in enumerate(colours)))
-    (root / "test_imgs.tsv").write_text("".join(f"{100 + i}\t{b64(png(c))}\n" for i, c in enumerate(colours)))
+    (root / "test_imgs.tsv").write_bytes(  # with three malformed lines, skipped and counted as the batch jobs do
+        "".join(f"{100 + i}\t{b64(png(c))}\n" for i, c in enumerate(colours)).encode()
+        + b"not-an-id\tAAAA\none field only\n\xff\xfe\t\xff\n")
     port = free_port()
     SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(other_checkpoint))
     config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), index=str(root / "index.jsonl"),
                          index_metadata=str(root / "meta.jsonl"), index_images=str(root / "test_imgs.tsv"),
                          max_items=8, max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1,
-                         num_cpus=0.25)
+                         num_cpus=0.25, request_body_timeout_s=BODY_TIMEOUT_S)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="clip", route_prefix="/")
     MODELS.update(tiny=model, other=other)
@@ -93,7 +96,8 @@ def post(service, path, **kwargs):
 
 def test_health_models_docs_and_page(service):
     url, _ = service
-    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6, "images": 6}
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6, "images": 6,
+                                                                 "images_skipped": 3}
     models = requests.get(url + "/models", timeout=30).json()
     assert models["default"] == "tiny" and set(models["models"]) == {"tiny", "other"}
     assert requests.get(url + "/docs", timeout=30).status_code == 200
@@ -192,6 +196,114 @@ def test_bad_inputs_are_4xx_with_a_message(service, path, payload, status, messa
     reply = post(service, path, json=payload)
     assert reply.status_code == status, reply.text
     assert message in reply.text
+
+
+# ---------------------------------------------------------------- hostile requests
+
+def assert_healthy(url: str) -> None:
+    assert requests.get(url + "/healthz", timeout=30).status_code == 200
+    assert post((url, None), "/embed/text", json={"texts": ["还活着吗"]}).status_code == 200
+
+
+@pytest.mark.parametrize("templates, status", [
+    (["{}{}"], 200), (["{}{"], 200), (["}{}{"], 200), (["{0.__class__}"], 422), (["{:>200000000}"], 422),
+    (["{}", "{0.__class__}{}"], 200), (["{}" * 400], 413),  # 400 labels' worth of characters: over max_text_chars
+    (["{}"] * 65, 422),  # more templates than a request may carry
+])
+def test_hostile_templates_are_filled_or_refused_never_formatted(service, templates, status):
+    """The label replaces `{}`, nothing is str.format-ted: format specs and attribute lookups are
+    plain text, and sizes are checked before a prompt is built (no 200 MB string)."""
+    start = time.perf_counter()
+    reply = post(service, "/classify", json={"image": b64(png()), "labels": ["猫", "狗" * 10], "templates": templates})
+    assert reply.status_code == status, reply.text
+    assert time.perf_counter() - start < 30
+    if status == 200:
+        assert len(reply.json()["probs"]) == 2
+    assert_healthy(service[0])
+
+
+def test_a_multipart_upload_whose_images_are_text_is_a_422(service):
+    for fields in ({"images": "just text"}, {"image": "text"}):
+        reply = post(service, "/embed/image", data=fields, files=[("model", (None, "tiny"))])
+        assert reply.status_code == 422, reply.text
+        assert "UploadFile" in reply.text or "at least 1" in reply.text
+    mixed = post(service, "/embed/image", files=[("images", ("a.png", png(), "image/png")), ("images", (None, "text"))])
+    assert mixed.status_code == 422 and "UploadFile" in mixed.text
+    not_json = post(service, "/embed/image", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400 and "JSON" in not_json.text
+    assert_healthy(service[0])
+
+
+def slow_post(url: str, byte_interval_s: float, limit_s: float) -> tuple[bytes, float]:
+    """POST a 1000-byte body one byte every `byte_interval_s` over a raw socket; the reply and
+    the seconds until the server closed the connection (or `limit_s`)."""
+    host, port = url.removeprefix("http://").split(":")
+    start, reply = time.monotonic(), b""
+    with socket.create_connection((host, int(port)), timeout=limit_s) as sock:
+        sock.sendall(b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        sock.settimeout(byte_interval_s)
+        while time.monotonic() - start < limit_s:
+            try:
+                sock.sendall(b" ")
+            except OSError:  # the server closed its side
+                break
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+    return reply, time.monotonic() - start
+
+
+def test_a_body_sent_at_a_byte_a_second_is_cut_off(service):
+    """Behind the proxy and on the Gateway replica's own port, a body that has not arrived
+    within request_body_timeout_s is answered 408 and the connection closed."""
+    from serve.app import gateway_urls
+
+    proxy = service[0]
+    urls = [proxy, *(u for u in gateway_urls("clip", "127.0.0.1", int(proxy.rsplit(":", 1)[1])) if u != proxy)]
+    assert len(urls) == 2
+    for url in urls:
+        reply, seconds = slow_post(url, byte_interval_s=0.25, limit_s=BODY_TIMEOUT_S + 8)
+        assert reply.startswith(b"HTTP/1.1 408"), (url, reply[:200])
+        assert b"did not arrive within 2 s" in reply
+        assert seconds < BODY_TIMEOUT_S + 4, (url, seconds)  # cut off, not held until the client gives up
+        print(f"{url}: 408 and closed after {seconds:.1f} s")
+    assert_healthy(proxy)
+
+
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read(service):
+    host, port = service[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /embed/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000000\r\n\r\n{")
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"the limit is" in reply, reply[:300]
+    assert_healthy(service[0])
+
+
+def test_python_m_serve_stops_in_one_line_on_a_missing_or_corrupt_checkpoint(tmp_path):
+    from serve.config import ServeConfig, check_inputs
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    for checkpoint, message in ((tmp_path / "missing.pt", "not found"), (corrupt, "not a PyTorch checkpoint")):
+        done = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", str(checkpoint)], capture_output=True,
+                              cwd=Path(__file__).resolve().parents[1], env={**os.environ, "RAY_ADDRESS": "local"},
+                              text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    checkpoint = str(clip_models.save_checkpoint(clip_models.create_model(TINY_VIT), tmp_path / "tiny.pt"))
+    for images, message in ((tmp_path / "absent.tsv", "does not exist"), (tmp_path, "is not a file")):
+        with pytest.raises(FileNotFoundError, match=message):
+            check_inputs(ServeConfig(checkpoints={"a": checkpoint}, index_images=str(images)))
 
 
 def test_concurrent_callers_share_batches(service):
