@@ -54,21 +54,22 @@ def temporary_factory(num_rows: int, dim: int) -> str:
 SERVED_FLAT_MAX_ROWS = 10_000  # auto: one list scanned whole (exact) below this many rows
 HNSW_QUANTIZER_LISTS = 4096  # from this many lists on, an HNSW graph finds a vector's lists
 PQ_TRAIN_ROWS = 256 * MIN_TRAIN_PER_LIST  # 8-bit PQ: 256 centroids per sub-quantizer
-MAX_TRAIN_BYTES = 512 * 2**20  # the training sample, held by one task: bounds nlist too
+TRAIN_BYTES = 512 * 2**20  # default training sample, held by one task: bounds nlist too (39 rows a list)
 ID_BYTES = 8  # each vector's int64 id, stored in its inverted list
 PQ_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16)  # PQ code sizes tried, finest first; below 16
 # bytes recall falls apart, so a corpus that does not fit even then is split into index shards
 
 
 def choose_served_index(num_rows: int, dim: int, max_memory: int, kind: str = "auto",
-                        num_shards: int = 0) -> tuple[FaissSpec, int]:
+                        num_shards: int = 0, train_bytes: int = TRAIN_BYTES) -> tuple[FaissSpec, int]:
     """(index, number of index shards) for a persistent index over `num_rows` x `dim` that may
     take `max_memory` bytes when served. `kind` is auto|flat|hnsw|ivf or a faiss factory
     string. "flat" is one inverted list scanned whole: exact, and memory-mapped like IVF.
-    Shards: `num_shards`, or (0) as many as it takes for each to fit `max_memory`."""
+    Shards: `num_shards`, or (0) as many as it takes for each to fit `max_memory`. The training
+    sample may take `train_bytes`, which caps the lists at train_bytes / (39 x 4 x dim)."""
     if num_rows <= 0:
         raise ValueError("cannot build an index over an empty corpus")
-    max_train = max(1, min(num_rows, MAX_TRAIN_BYTES // (4 * dim)))
+    max_train = max(1, min(num_rows, train_bytes // (4 * dim)))
     if kind == "auto":
         fits_flat = num_rows * (4 * dim + ID_BYTES) <= max_memory
         kind = "flat" if num_rows < SERVED_FLAT_MAX_ROWS and fits_flat else "ivf"

@@ -91,7 +91,8 @@ def build_index(config: IndexConfig) -> IndexReport:
 
     scans, found = _run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
         inputs.shards[i], inputs.shard_sources[i], work.path("scan", i, ".ids.parquet"),
-        work.path("scan", i, ".sample.npz"), inputs.known_rows, config.tune_queries, config.seed, i), record_scan)
+        work.path("scan", i, ".sample.npz"), inputs.known_rows, config.train_bytes, config.tune_queries, config.seed,
+        i), record_scan)
     reused += found
     nodes.update(s["node"] for s in scans.values())
     num_rows, dim = _corpus_shape(inputs, scans, config.features)
@@ -108,7 +109,8 @@ def build_index(config: IndexConfig) -> IndexReport:
     if vectors is not None:
         create_segment(vectors, num_rows, dim)
 
-    spec, num_shards = choose_served_index(num_rows, dim, config.memory_bytes, config.index, config.num_shards)
+    spec, num_shards = choose_served_index(num_rows, dim, config.memory_bytes, config.index, config.num_shards,
+                                           config.train_bytes)
     on_disk = mergeable_on_disk(spec.factory)
     num_shards = min(num_shards, len(live)) if on_disk else 1
     tasks.new_index(spec.factory, dim)  # a bad factory string fails here, before training

@@ -34,6 +34,7 @@ class IndexConfig:
     tune_queries: int = 1000  # corpus vectors held out of training and used as tuning queries
     rows_per_shard: int = 131072  # feature rows per encoding task (Parquet: whole row groups; JSONL: a file)
     seed: int = 0  # sampling of the training rows and the tuning queries
+    train_memory: str = "512MB"  # training sample, held by one task; caps IVF lists at this / (39 x 4 x dim)
     store_vectors: bool = True  # keep the vectors in float16 beside the index: re-ranking of PQ codes, more-like-this
 
     def __post_init__(self):
@@ -48,8 +49,9 @@ class IndexConfig:
             return
         if not paths or not all(paths):
             raise ValueError("--features needs at least one PATH")
-        if parse_bytes(self.max_index_memory) < 2**20:
-            raise ValueError(f"--max-index-memory {self.max_index_memory} is under 1 MB")
+        for name in ("max_index_memory", "train_memory"):
+            if parse_bytes(getattr(self, name)) < 2**20:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is under 1 MB")
         if not 0 < self.recall_target <= 1:
             raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
         for name in ("tune_queries", "rows_per_shard"):
@@ -65,3 +67,7 @@ class IndexConfig:
     @property
     def memory_bytes(self) -> int:
         return parse_bytes(self.max_index_memory)
+
+    @property
+    def train_bytes(self) -> int:
+        return parse_bytes(self.train_memory)

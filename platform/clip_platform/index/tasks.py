@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..batch.faiss_index import MAX_TRAIN_BYTES
 from ..batch.features import FeatureShard, check_unique_ids
 from ..batch.knn import recall_at_k
 from ..batch.runtime import node_id
@@ -47,14 +46,14 @@ def new_index(factory: str, dim: int):
         raise ValueError(f"FAISS cannot build {factory!r}: {str(exc).strip().splitlines()[-1]}") from None
 
 
-def sample_rows(dim: int, extra: int) -> int:
+def sample_rows(dim: int, train_bytes: int, extra: int) -> int:
     """Rows of the training pool: the training sample's byte budget, plus the tuning queries."""
-    return MAX_TRAIN_BYTES // (4 * dim) + extra
+    return train_bytes // (4 * dim) + extra
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
 def scan_shard(shard: FeatureShard, source: int, run_path: Path, sample_path: Path | None, known_rows: int | None,
-               extra_rows: int, seed: int, number: int) -> dict:
+               train_bytes: int, extra_rows: int, seed: int, number: int) -> dict:
     """Check one shard, write its sorted id run, and keep its rows of smallest random key:
     across all shards, the pool's smallest keys are a uniform sample of the corpus (no
     sample_path: no sample, as for features added to a trained index)."""
@@ -64,7 +63,7 @@ def scan_shard(shard: FeatureShard, source: int, run_path: Path, sample_path: Pa
     if sample_path is None:
         return {"rows": len(features), "dim": features.dim, "node": node_id()}
     keys = np.random.default_rng([seed, number]).random(len(features))
-    cap = sample_rows(max(1, features.dim), extra_rows)
+    cap = sample_rows(max(1, features.dim), train_bytes, extra_rows)
     # With the corpus size known, a row can only be among the pool's smallest keys with a key under
     # about cap / N: twice that keeps every candidate while shipping ~2x the pool, not every shard's cap.
     pick = np.flatnonzero(keys < (min(1.0, 2 * cap / known_rows) if known_rows else 1.0))
@@ -87,20 +86,35 @@ def train(factory: str, dim: int, samples: Sequence[Path], num_queries: int, tra
     import faiss
 
     want = num_queries + train_rows
-    keys, vectors, ids = np.zeros(0), np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
-    for path in samples:  # a running pool of the smallest keys: memory stays at two pools
+    # The pool's smallest keys, found from the keys alone; then only those rows are loaded, into
+    # one array: the task holds the pool once (not a growing pool and its copies).
+    keys = []
+    for path in samples:
         with np.load(path) as part:
-            keys, vectors = np.concatenate([keys, part["keys"]]), np.concatenate([vectors, part["vectors"]])
-            ids = np.concatenate([ids, part["ids"]])
-        keep = np.argsort(keys, kind="stable")[:want]
-        keys, vectors, ids = keys[keep], vectors[keep], ids[keep]
-    _save_arrays(queries_path, vectors=vectors[:num_queries], ids=ids[:num_queries])
+            keys.append(part["keys"])
+    everything = np.concatenate(keys)
+    cut = np.partition(everything, want - 1)[want - 1] if len(everything) > want else np.inf
+    taken = sum(int((k <= cut).sum()) for k in keys)
+    pool_keys, vectors = np.empty(taken), np.empty((taken, dim), np.float32)
+    ids, filled = np.empty(taken, np.int64), 0
+    for path, part_keys in zip(samples, keys):
+        rows = np.flatnonzero(part_keys <= cut)
+        if len(rows):
+            with np.load(path) as part:
+                end = filled + len(rows)
+                pool_keys[filled:end], vectors[filled:end], ids[filled:end] = \
+                    part_keys[rows], part["vectors"][rows], part["ids"][rows]
+                filled = end
+    order = np.argsort(pool_keys, kind="stable")[:want]  # ties at the cut: the first `want` by key
+    queries = order[:num_queries]
+    _save_arrays(queries_path, vectors=vectors[queries], ids=ids[queries])
+    vectors = vectors[order[num_queries:]]
     index = new_index(factory, dim)
     if not index.is_trained:
         faiss.omp_set_num_threads(threads)
-        index.train(np.ascontiguousarray(vectors[num_queries:]))
+        index.train(vectors)
     _write_index(index, trained_path)
-    return len(vectors) - num_queries
+    return len(vectors)
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)

@@ -71,7 +71,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
     ensure_ray()
     base = len(manifest["sources"])
     scans, reused = _run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
-        inputs.shards[i], base + inputs.shard_sources[i], work.path("scan", i, ".ids.parquet"), None, None, 0,
+        inputs.shards[i], base + inputs.shard_sources[i], work.path("scan", i, ".ids.parquet"), None, None, 0, 0,
         0, i), record_scan)
     dims = {s["dim"] for s in scans.values() if s["rows"]}
     num_rows = sum(s["rows"] for s in scans.values())
