@@ -12,7 +12,8 @@ and each replica keeps at most `max_models_per_replica` of them (LRU).
 HTTP reaches the Gateway through Serve's proxy, or with Serve's direct ingress on
 (`enable_direct_ingress`, the default of `python -m serve`) straight on the Gateway replica's own port.
 This module builds the application; config.py holds its settings, schemas.py the request
-bodies, images.py image decoding and the image store, search.py the index.
+bodies, images.py image decoding and the image store, search.py the index's search replicas,
+limits.py the bounds on request bodies.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from . import _ray_compat
 from .config import ServeConfig, check_inputs
 from .encoder import Encoder
 from .gateway import Gateway, api
+from .search import Search, index_model, shard_groups
 
 __all__ = ["ServeConfig", "api", "app_builder", "build_app", "enable_direct_ingress", "gateway_urls"]
 
 
 def build_app(config: ServeConfig):
-    """The bound application: Gateway -> Encoder, with autoscaling and bounded queues."""
+    """The bound application: Gateway -> Encoder (and -> a Search deployment per group of index
+    shards), with autoscaling and bounded queues. Raises ValueError for an index of another model."""
     # Clients are bounded at the Gateway; a request makes one Encoder call per max_batch_size
     # items, so the Encoder's queue is bounded by the Gateway's limits.
     logging_config = {"enable_access_log": config.access_log}
@@ -40,9 +43,19 @@ def build_app(config: ServeConfig):
         **replicas,
         max_ongoing_requests=max(config.max_ongoing_requests, 2 * config.max_batch_size), max_queued_requests=-1,
     ).bind(config)
+    searchers = []
+    if config.index:
+        from clip_platform.index.search import read_manifest
+
+        groups = shard_groups(len(read_manifest(config.index)["shards"]), config.search_groups)
+        searchers = [Search.options(name=f"Search{g}" if len(groups) > 1 else "Search",
+                                    num_replicas=config.search_replicas, logging_config=logging_config,
+                                    ray_actor_options={"num_cpus": config.search_cpus},
+                                    max_ongoing_requests=config.max_ongoing_requests).bind(config.index, shards)
+                     for g, shards in enumerate(groups)]
     return Gateway.options(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=config.max_ongoing_requests,
                            max_queued_requests=config.max_queued_requests, logging_config=logging_config,
-                           ).bind(encoder, config)
+                           ).bind(encoder, config, searchers, index_model(config))
 
 
 def enable_direct_ingress() -> bool:

@@ -9,8 +9,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ServeConfig:
     checkpoints: dict[str, str] = field(default_factory=dict)  # model name -> anything clip_models.load accepts
-    index: str | None = None  # image features from jobs/embed.py (JSONL / Parquet / shard dir)
-    index_metadata: str | None = None  # optional JSONL of {"image_id": ..., ...} returned with search hits
+    index: str | None = None  # an index directory built by jobs/build_index.py, searched by POST /search
+    search_groups: int = 0  # Search deployments the index shards are dealt over; 0: one per shard
+    search_replicas: int = 1  # replicas of each Search deployment (each maps its group's shards)
+    search_cpus: float = 0.5  # per Search replica
     index_images: str | None = None  # optional cn_clip {split}_imgs.tsv: GET /images/{id} serves the hits' images
     max_items: int = 32  # texts, images or labels per request
     max_image_bytes: int = 10 * 2**20  # per image, after base64 decoding
@@ -42,6 +44,8 @@ class ServeConfig:
             raise ValueError("max_batch_size, max_image_batch_size and max_models_per_replica must be >= 1")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0 (0: one per reserved CPU)")
+        if self.search_groups < 0 or self.search_replicas < 1:
+            raise ValueError("need search_groups >= 0 (0: one per index shard) and search_replicas >= 1")
         if self.request_body_timeout_s <= 0:
             raise ValueError(f"request_body_timeout_s must be > 0, got {self.request_body_timeout_s}")
         for name in ("max_items", "max_image_bytes", "max_text_chars", "max_prompts"):
@@ -60,14 +64,15 @@ class ServeConfig:
 
 def check_inputs(config: ServeConfig) -> None:
     """Before any replica starts: every checkpoint is one clip_models can load (with positions
-    for context_length tokens) and the index files are there, so a mistake is one line rather
-    than replicas failing to start."""
+    for context_length tokens), the image TSV is there and the index is one of a served model,
+    so a mistake is one line rather than replicas failing to start."""
     from clip_platform.config import check_model
 
     for source in config.checkpoints.values():
         check_model(source, config.context_length)
-    for flag, path, is_there in (("--index", config.index, Path.exists), ("--index-images", config.index_images,
-                                                                          Path.is_file)):
-        if path and not is_there(Path(path)):
-            raise FileNotFoundError(f"{flag} {path} does not exist" if not Path(path).exists() else
-                                    f"{flag} {path} is not a file")
+    if config.index_images and not Path(config.index_images).is_file():
+        raise FileNotFoundError(f"--index-images {config.index_images} " + (
+            "is not a file" if Path(config.index_images).exists() else "does not exist"))
+    from .search import index_model
+
+    index_model(config)  # an index of another model, or no index at all, is refused here

@@ -8,6 +8,7 @@ annotations, which Serve's ingress wrapper cannot resolve from strings."""
 import asyncio
 import base64
 import functools
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from clip_platform.batch.templates import PLACEHOLDER, ZH_TEMPLATES
+from clip_platform.batch.topk import merge_topk
+from clip_platform.index import open_index
 
 from .batching import chunks
 from .config import ServeConfig
@@ -27,7 +30,6 @@ from .images import ImageStore, image_media_type
 from .limits import RequestBodyLimits
 from .schemas import (ClassifyRequest, EmbeddingsRequest, ImagesRequest, ImagesUpload, SearchRequest, TextsRequest,
                       floats)
-from .search import Index
 
 PAGE = Path(__file__).with_name("index.html")
 
@@ -67,14 +69,19 @@ def validated(schema: type[BaseModel], data) -> BaseModel:
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, encoder, config: ServeConfig):
+    def __init__(self, encoder, config: ServeConfig, searchers: list | None = None, index_model: str | None = None):
+        """`searchers`: a handle per Search deployment (group of index shards); `index_model`:
+        the served model whose features the index holds."""
         RequestBodyLimits.configure(config.request_body_timeout_s, config.max_body_bytes)
         self.encoder = encoder
         self._coalesced_texts.set_max_batch_size(config.max_batch_size)
         # One handle per model: Serve routes each to replicas that already hold that model.
         self.encoders = {name: encoder.options(multiplexed_model_id=name) for name in config.checkpoints}
         self.config = config
-        self.index = Index(config.index, config.index_metadata) if config.index else None
+        self.searchers, self.index_model = searchers or [], index_model
+        # The id table and stored vectors only (no shard): metadata of hits, vectors for more-like-this.
+        self.index = open_index(config.index, shards=[]) if config.index else None
+        self._lookup_lock = threading.Lock()
         self.images = ImageStore(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()
@@ -159,7 +166,7 @@ class Gateway:
 
     @api.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "index": len(self.index.ids) if self.index else 0,
+        return {"status": "ok", "index": self.index.ntotal if self.index else 0,
                 "images": len(self.images) if self.images else 0,
                 "images_skipped": self.images.num_bad if self.images else 0}  # malformed --index-images lines
 
@@ -263,21 +270,45 @@ class Gateway:
 
     @api.post("/search")
     async def search(self, body: SearchRequest):
+        """The index's nearest items to a text, an image or one of its own items (more like
+        this), with their scores and metadata; every Search group is asked and the top-k merged."""
         start = time.perf_counter()
         if self.index is None:
             raise HTTPException(404, "no search index loaded (start with --index DIR)")
-        model = self._model(body.model)
+        model = body.model or self.index_model
+        if model != self.index_model:
+            self._model(model)  # an unknown name is a 404 naming the served ones
+            raise HTTPException(400, f"the index holds features of model {self.index_model!r}, not {model!r}")
         if body.text is not None:
-            query = (await self._embed_texts(model, [body.text]))[0][0]
+            query = (await self._embed_texts(model, [body.text]))[0]
+        elif body.image is not None:
+            query = await self._embed_images(model, [body.image])
         else:
-            query = (await self._embed_images(model, [body.image]))[0]
-        hits = self.index.search(query, body.top_k)
-        if self.images is not None:
-            for hit in hits:
-                if hit["id"] in self.images:
-                    hit["image_url"] = f"images/{hit['id']}"
+            query = await self._stored_vector(body.id)
+        parts = await asyncio.gather(*[searcher.search.remote(query, body.top_k) for searcher in self.searchers])
+        scores, ids = merge_topk(parts, body.top_k) if len(parts) > 1 else parts[0]
+        hits = [(int(i), float(score)) for i, score in zip(ids[0], scores[0]) if i >= 0]
+        metadata = await asyncio.to_thread(self._lookup, [i for i, _ in hits])
+        results = []
+        for i, score in hits:
+            results.append({"id": i, "score": score, "metadata": metadata.get(i)})
+            if self.images is not None and i in self.images:
+                results[-1]["image_url"] = f"images/{i}"
         self._timed("search", start)
-        return {"model": model, "results": hits}
+        return {"model": model, "results": results}
+
+    def _lookup(self, ids: list[int]) -> dict[int, dict]:
+        with self._lookup_lock:  # one reader of the id table's Parquet file at a time
+            return self.index.lookup(ids)
+
+    async def _stored_vector(self, item: int) -> np.ndarray:
+        if self.index.store is None:
+            raise HTTPException(409, "the index was built without its vectors (--no-store-vectors): "
+                                     "no search by id")
+        found, vectors = await asyncio.to_thread(self.index.vectors, [item])
+        if not found[0]:
+            raise HTTPException(404, f"no item {item} in the index")
+        return vectors
 
     @api.get("/images/{image_id}")
     async def image(self, image_id: int):

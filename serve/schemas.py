@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import UploadFile
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from clip_platform.batch.templates import PLACEHOLDER
 
@@ -96,13 +96,15 @@ class ClassifyRequest(Body):
 class SearchRequest(Body):
     text: Text | None = None
     image: ImageData | None = None
+    id: int | None = Field(None, validation_alias=AliasChoices("id", "image_id", "text_id"),
+                           description="more like this: the item of the index with this id (image_id or text_id)")
     top_k: int = Field(10, ge=1, le=100)
-    model: ModelName = None
+    model: ModelName = Field(None, description="default: the model whose features the index holds")
 
     @model_validator(mode="after")
     def _one_query(self):
-        if (self.text is None) == (self.image is None):
-            raise ValueError("give exactly one of 'text' or 'image'")
+        if sum(x is not None for x in (self.text, self.image, self.id)) != 1:
+            raise ValueError("give exactly one of 'text', 'image' or 'image_id'")
         return self
 
 

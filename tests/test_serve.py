@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import queue
 import re
@@ -28,12 +29,13 @@ import clip_models
 from clip_platform.batch.features import Features
 from clip_platform.batch.templates import load_templates
 from conftest import TINY_VIT, start_local_ray
-from helpers import write_features_jsonl
+from helpers import load_job, write_features_jsonl
 
 pytestmark = pytest.mark.slow
 BODY_TIMEOUT_S = 2.0  # the service's request_body_timeout_s
 SERVICE_CHECKPOINTS: dict[str, str] = {}  # filled by the service fixture
 MODELS: dict[str, clip_models.CLIP] = {}  # the same models, in this process
+INDEXES: dict[str, str] = {}  # the service's index directory and its tmp folder
 
 
 def png(colour="red", size=(40, 30)) -> bytes:
@@ -52,6 +54,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def noise_png(seed: int, size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
+IMAGES = {100 + i: png(c) for i, c in enumerate(COLOURS)} | {106 + i: noise_png(i) for i in range(34)}
+TEXTS = {5000 + i: t for i, t in enumerate(["红色的圆形", "蓝色的正方形", "绿色的三角形", "一只猫", "北京的夜景",
+                                            "左上角有一个绿色的圆形", "黄色的星星", "黑白照片", "雪山", "大海"])}
+
+
+def image_features(model, images: list[bytes]) -> np.ndarray:
+    preprocess = clip_models.image_transform(model.image_size)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(data))) for data in images])
+        return torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+
+
+def text_features(model, texts: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(texts)), dim=-1).numpy()
+
+
+def build_index(folder: Path, features: Features, checkpoint: str | None, **options) -> str:
+    """An index over `features` as the embed job writes them (a Parquet shard and, when
+    `checkpoint` is given, the _plan.json recording its model), built by jobs/build_index.py's code."""
+    from clip_platform.batch.embed import inspect_model
+    from clip_platform.batch.features import write_features_parquet
+    from clip_platform.index import IndexConfig
+    from clip_platform.index.build import build_index as build
+
+    write_features_parquet(folder / "features" / "part-00000.parquet", features, row_group_rows=16)
+    if checkpoint:
+        plan = {"settings": {"model": inspect_model(checkpoint).fingerprint, "precision": "fp32"}}
+        (folder / "features" / "_plan.json").write_text(json.dumps(plan))
+    build(IndexConfig(str(folder / "features"), str(folder / "index"), rows_per_shard=16, **options))
+    return str(folder / "index")
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, _ray_session):
     from ray import serve
@@ -66,26 +109,24 @@ def service(tmp_path_factory, _ray_session):
     torch.manual_seed(1)  # a second, different checkpoint: multiplexed beside the first
     other = clip_models.create_model(TINY_VIT).eval()
     other_checkpoint = clip_models.save_checkpoint(other, root / "other.pt")
-    colours = ["red", "green", "blue", "yellow", "white", "black"]
-    preprocess = clip_models.image_transform(model.image_size)
-    with torch.no_grad():
-        pixels = torch.stack([preprocess(Image.open(io.BytesIO(png(c)))) for c in colours])
-        vectors = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
-    write_features_jsonl(root / "index.jsonl", Features(np.arange(100, 106), vectors), "image_id")
-    (root / "meta.jsonl").write_text("".join(f'{{"image_id": {100 + i}, "colour": "{c}"}}\n'
-                                             for i, c in enumerate(colours)))
+    ids = np.array(list(IMAGES), np.int64)
+    index = build_index(root / "images", Features(ids, image_features(model, list(IMAGES.values()))), str(checkpoint),
+                        num_shards=2)
+    # Built before Serve starts: a build's training task asks for every CPU of a node.
+    texts = Features(np.array(list(TEXTS), np.int64), text_features(model, list(TEXTS.values())))
+    INDEXES["texts"] = build_index(root / "texts", texts, str(checkpoint))
     (root / "test_imgs.tsv").write_bytes(  # with three malformed lines, skipped and counted as the batch jobs do
-        "".join(f"{100 + i}\t{b64(png(c))}\n" for i, c in enumerate(colours)).encode()
+        "".join(f"{i}\t{b64(data)}\n" for i, data in IMAGES.items()).encode()
         + b"not-an-id\tAAAA\none field only\n\xff\xfe\t\xff\n")
     port = free_port()
     SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(other_checkpoint))
-    config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), index=str(root / "index.jsonl"),
-                         index_metadata=str(root / "meta.jsonl"), index_images=str(root / "test_imgs.tsv"),
+    config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), index=index, index_images=str(root / "test_imgs.tsv"),
                          max_items=8, max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1,
-                         num_cpus=0.25, request_body_timeout_s=BODY_TIMEOUT_S)
+                         num_cpus=0.25, search_cpus=0.1, request_body_timeout_s=BODY_TIMEOUT_S)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="clip", route_prefix="/")
     MODELS.update(tiny=model, other=other)
+    INDEXES.update(images=index, root=str(root))  # and "texts", above
     yield f"http://127.0.0.1:{port}", model
     serve.shutdown()
 
@@ -96,7 +137,7 @@ def post(service, path, **kwargs):
 
 def test_health_models_docs_and_page(service):
     url, _ = service
-    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 6, "images": 6,
+    assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok", "index": 40, "images": 40,
                                                                  "images_skipped": 3}
     models = requests.get(url + "/models", timeout=30).json()
     assert models["default"] == "tiny" and set(models["models"]) == {"tiny", "other"}
@@ -136,8 +177,11 @@ def test_classify_and_search(service):
     probs = post(service, "/classify", json={"image": b64(png("blue")), "labels": ["红色", "蓝色", "绿色"],
                                               "templates": ["一张{}的图片", "{}"]}).json()["probs"]
     assert len(probs) == 3 and sum(probs) == pytest.approx(1, abs=1e-5)
-    hits = post(service, "/search", json={"image": b64(png("green")), "top_k": 3}).json()["results"]
-    assert hits[0]["id"] == 101 and hits[0]["metadata"]["colour"] == "green"
+    reply = post(service, "/search", json={"image": b64(png("green")), "top_k": 3}).json()
+    hits = reply["results"]
+    assert reply["model"] == "tiny" and hits[0]["id"] == 101 and hits[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert hits[0]["metadata"] == {"file": str(Path(INDEXES["root"]) / "images" / "features" / "part-00000.parquet"),
+                                   "row": 1}  # from the index's id table
     assert [h["score"] for h in hits] == sorted([h["score"] for h in hits], reverse=True)
     assert len(post(service, "/search", json={"text": "绿色", "top_k": 4}).json()["results"]) == 4
     assert hits[0]["image_url"] == "images/101"
@@ -146,11 +190,83 @@ def test_classify_and_search(service):
     assert requests.get(service[0] + "/images/999", timeout=30).status_code == 404
 
 
-def noise_png(seed: int, size=(48, 40)) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+# ---------------------------------------------------------------- search on the persistent index
+
+def test_search_over_a_two_shard_index_equals_the_knn_job(service, tmp_path):
+    """Two Search deployments, one index shard each, fanned out and merged by the Gateway:
+    the ids `jobs/knn.py --index` finds for the same text queries."""
+    from ray import serve
+
+    manifest = json.loads((Path(INDEXES["images"]) / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and all(shard["count"] for shard in manifest["shards"])
+    assert {"Search0", "Search1"} <= set(serve.status().applications["clip"].deployments)
+    texts = Features(np.array(list(TEXTS), np.int64), text_features(MODELS["tiny"], list(TEXTS.values())))
+    write_features_jsonl(tmp_path / "texts.jsonl", texts, "text_id")
+    load_job("knn").main(["--text-feats", str(tmp_path / "texts.jsonl"), "--index", INDEXES["images"],
+                          "--output", str(tmp_path / "predictions.jsonl"), "--top-k", "7"])
+    expected = {line["text_id"]: line["image_ids"] for line in map(json.loads, open(tmp_path / "predictions.jsonl"))}
+    for text_id, text in TEXTS.items():
+        hits = post(service, "/search", json={"text": text, "top_k": 7}).json()["results"]
+        assert [h["id"] for h in hits] == expected[text_id], text
+
+
+def test_more_like_this_finds_the_item_itself_first(service):
+    for item in (100, 103, 120, 139):
+        hits = post(service, "/search", json={"image_id": item, "top_k": 3}).json()["results"]
+        assert hits[0]["id"] == item and hits[0]["score"] > 0.999, hits  # the stored vector is float16
+        assert hits[0]["image_url"] == f"images/{item}"
+    missing = post(service, "/search", json={"image_id": 99999})
+    assert missing.status_code == 404 and "no item 99999" in missing.text
+    other = post(service, "/search", json={"image_id": 100, "model": "other"})
+    assert other.status_code == 400 and "holds features of model 'tiny'" in other.text
+
+
+def test_an_index_of_another_model_is_refused_one_without_a_model_served_with_a_warning(service, tmp_path, caplog):
+    from serve.config import ServeConfig, check_inputs
+    from serve.search import index_model
+
+    manifest = json.loads((Path(INDEXES["images"]) / "manifest.json").read_text())
+
+    def index_with(name: str, **changes) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+        return str(tmp_path / name)
+
+    tiny, other = SERVICE_CHECKPOINTS["tiny"], SERVICE_CHECKPOINTS["other"]
+    with pytest.raises(ValueError, match="holds features of ViT-Tiny.* not of a served checkpoint: other"):
+        check_inputs(ServeConfig(checkpoints={"other": other}, index=INDEXES["images"]))
+    assert index_model(ServeConfig(checkpoints={"other": other, "tiny": tiny}, index=INDEXES["images"])) == "tiny"
+    with caplog.at_level("WARNING", logger="serve"):
+        assert index_model(ServeConfig(checkpoints={"other": other}, index=index_with("unknown", model=None))) == "other"
+    assert "records no model" in caplog.text
+    with pytest.raises(ValueError, match="holds 7-dimensional vectors"):
+        index_model(ServeConfig(checkpoints={"tiny": tiny}, index=index_with("dim", dim=7)))
+    with pytest.raises(FileNotFoundError, match="no finished index"):
+        index_model(ServeConfig(checkpoints={"tiny": tiny}, index=str(tmp_path)))
+    done = subprocess.run([sys.executable, "-m", "serve", "--checkpoint", other, "--index", INDEXES["images"]],
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "RAY_ADDRESS": "local"},
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "not of a served checkpoint" in lines[0], done.stderr
+
+
+def test_a_text_index_answers_text_image_and_more_like_this_queries(service):
+    from ray import serve
+
+    from serve.app import ServeConfig, build_app
+
+    config = ServeConfig(checkpoints={"tiny": SERVICE_CHECKPOINTS["tiny"]}, index=INDEXES["texts"], max_replicas=1,
+                         num_cpus=0.25, search_cpus=0.1)
+    serve.run(build_app(config), name="texts", route_prefix="/texts")
+    try:
+        url = (service[0] + "/texts", None)
+        for text_id, text in TEXTS.items():  # text -> text: each text finds itself
+            assert post(url, "/search", json={"text": text, "top_k": 3}).json()["results"][0]["id"] == text_id
+        hits = post(url, "/search", json={"image": b64(png("red")), "top_k": 4}).json()["results"]  # image -> text
+        assert len(hits) == 4 and {h["id"] for h in hits} <= set(TEXTS) and "image_url" not in hits[0]
+        assert post(url, "/search", json={"text_id": 5003, "top_k": 2}).json()["results"][0]["id"] == 5003
+    finally:
+        serve.delete("texts")
 
 
 def test_classify_gives_the_zero_shot_jobs_probabilities(service):
@@ -505,20 +621,21 @@ def test_web_page_searches_and_classifies_in_headless_chromium(service, browser,
     browser.get(url + "/")
     assert "中文 CLIP" in browser.title
     wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 2)  # filled from GET /models
-    assert "6" in browser.find_element(By.ID, "health").text
+    assert "索引 40 条" in browser.find_element(By.ID, "health").text
 
     browser.find_element(By.ID, "query").send_keys("左上角有一个绿色的圆形")
     browser.find_element(By.ID, "search").click()
     hits = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .hit"))
-    assert len(hits) == 6  # top_k 8 over an index of 6
+    assert len(hits) == 8  # top_k 8 over the index's 40
     ids = [int(h.get_attribute("data-id")) for h in hits]
-    assert sorted(ids) == list(range(100, 106))
-    assert all(h.find_element(By.CLASS_NAME, "meta").text.startswith('{"image_id"') for h in hits)
+    expected = post(service, "/search", json={"text": "左上角有一个绿色的圆形", "top_k": 8}).json()["results"]
+    assert ids == [h["id"] for h in expected]  # the index's answer, as the API gives it
+    assert all(h.find_element(By.CLASS_NAME, "meta").text.startswith('{"file"') for h in hits)
     images = browser.find_elements(By.CSS_SELECTOR, "#results .hit img")
-    assert len(images) == 6
+    assert len(images) == 8
     wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
                              for img in images))  # the thumbnails really loaded from GET /images/{id}
-    assert images[0].get_attribute("naturalWidth") == "40"
+    assert images[0].get_attribute("naturalWidth") in ("40", "48")  # a colour square or a noise image
 
     # Search by image: the file input takes a path; the green square's own image ranks first.
     picture = tmp_path / "green.png"
@@ -529,6 +646,13 @@ def test_web_page_searches_and_classifies_in_headless_chromium(service, browser,
     wait.until(expected_conditions.staleness_of(hits[0]))  # the text search's results were replaced
     hits = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .hit"))
     assert hits[0].get_attribute("data-id") == "101" and "相似度 1.000" in hits[0].text
+
+    # More like this: the third hit's button searches with its stored vector; it comes first.
+    third = hits[2].get_attribute("data-id")
+    hits[2].find_element(By.CLASS_NAME, "more").click()
+    wait.until(expected_conditions.staleness_of(hits[0]))
+    hits = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .hit"))
+    assert hits[0].get_attribute("data-id") == third and "相似度 1.000" in hits[0].text
 
     Select(browser.find_element(By.ID, "model")).select_by_value("other")
     browser.find_element(By.ID, "classify").click()

@@ -3,11 +3,13 @@ GET /images/{id}, JSON float encoding, request chunking, direct-ingress addresse
 from __future__ import annotations
 
 import base64
+import socket
 import json
 import os
 
 import numpy as np
 import pytest
+from fastapi import Request  # at module level: FastAPI resolves the echo route's string annotation here
 
 from serve import _ray_compat
 from serve.app import enable_direct_ingress, gateway_urls
@@ -79,3 +81,121 @@ def test_without_serve_internals_the_app_falls_back_to_the_proxy(monkeypatch, ca
     with caplog.at_level("WARNING", logger=_ray_compat.__name__):
         assert enable_direct_ingress() is False
     assert _ray_compat.DIRECT_INGRESS_ENV not in os.environ and "is not the tested 1.0" in caplog.text
+
+
+def test_index_shards_are_dealt_over_search_groups():
+    from serve.search import shard_groups
+
+    assert shard_groups(5, 2) == [[0, 2, 4], [1, 3]]
+    assert shard_groups(2, 0) == [[0], [1]] == shard_groups(2, 5)  # 0: one per shard; never an empty group
+    assert shard_groups(1, 0) == [[0]]
+
+
+def test_a_fingerprint_names_the_weights_not_how_they_were_typed():
+    from serve.search import _same_weights
+
+    recorded = {"source": "ckpt/epoch_latest.pt", "name": "ViT-B-16@RoBERTa", "files": [["epoch_latest.pt", 100, 1]]}
+    copied = {"source": "/abs/epoch_latest.pt", "name": "ViT-B-16@RoBERTa", "files": [["epoch_latest.pt", 100, 9]]}
+    assert _same_weights(recorded, copied)
+    assert not _same_weights(recorded, {**copied, "files": [["epoch_latest.pt", 101, 1]]})
+    assert not _same_weights(recorded, {**copied, "name": "RN50@RBT3"})
+
+
+def test_request_schemas_refuse_what_a_body_gets_wrong_on_its_own():
+    from pydantic import ValidationError
+
+    from serve.schemas import ClassifyRequest, EmbeddingsRequest, SearchRequest
+
+    assert SearchRequest.model_validate({"image_id": 7}).id == SearchRequest.model_validate({"text_id": 7}).id == 7
+    for bad in ({}, {"text": "a", "id": 1}, {"text": " "}, {"text": "a", "top_k": 101}, {"text": "a", "k": 3}):
+        with pytest.raises(ValidationError):
+            SearchRequest.model_validate(bad)
+    image = base64.b64encode(b"bytes").decode()
+    assert ClassifyRequest.model_validate({"image": image, "labels": ["猫"], "templates": ["{}{", "{0}{}"]}).image == b"bytes"
+    for templates in (["{0.__class__}"], ["{:>200000000}"], [], ["{}"] * 65):
+        with pytest.raises(ValidationError):
+            ClassifyRequest.model_validate({"image": image, "labels": ["猫"], "templates": templates})
+    mixed = EmbeddingsRequest.model_validate({"input": ["红色", "data:image/png;base64," + image], "user": "x"})
+    assert mixed.inputs[0] == "红色" and mixed.images == {1: b"bytes"}
+    with pytest.raises(ValidationError, match="base64"):
+        EmbeddingsRequest.model_validate({"input": "data:image/png;base64,%%"})
+
+
+@pytest.fixture
+def limited_server():
+    """The body-limits middleware in front of an echo route, on uvicorn on 127.0.0.1."""
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.limits import RequestBodyLimits
+
+    app = FastAPI()
+    app.add_middleware(RequestBodyLimits)
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"bytes": len(await request.body())}
+
+    saved = RequestBodyLimits.timeout_s, RequestBodyLimits.max_bytes
+    RequestBodyLimits.configure(1.0, 1000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+    RequestBodyLimits.configure(*saved)
+
+
+def exchange(port: int, head: bytes, body: bytes, byte_interval_s: float = 0.0, limit_s: float = 10.0):
+    """Send `head` then `body` (a byte every `byte_interval_s` when given) over a raw socket;
+    (everything the server sent until it closed, seconds taken)."""
+    import time
+
+    start, reply = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit_s) as sock:
+        sock.sendall(head)
+        if byte_interval_s:
+            sock.settimeout(byte_interval_s)
+            for i in range(len(body)):
+                try:
+                    sock.sendall(body[i:i + 1])
+                    reply += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if reply:
+                    break
+        else:
+            sock.sendall(body)
+        sock.settimeout(limit_s)
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    return reply, time.monotonic() - start
+
+
+def test_a_slow_body_gets_408_and_a_large_one_413_without_reading_it(limited_server):
+    def head(length: int) -> bytes:
+        return f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+
+    reply, seconds = exchange(limited_server, head(100), b"x" * 100, byte_interval_s=0.2)
+    assert reply.startswith(b"HTTP/1.1 408") and b"within 1 s" in reply and seconds < 3, (reply, seconds)
+    reply, seconds = exchange(limited_server, head(10**9), b"")
+    assert reply.startswith(b"HTTP/1.1 413") and b"the limit is 1000" in reply and seconds < 3
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n0\r\n\r\n"
+    reply, _ = exchange(limited_server, chunked, b"")
+    assert reply.startswith(b"HTTP/1.1 413") and b"over the limit of 1000" in reply  # no Content-Length: counted
+    reply, _ = exchange(limited_server, head(5).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), b"hello")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"bytes":5}')

@@ -61,6 +61,21 @@ def retrieval(config: DemoConfig, data: Path, checkpoint: Path) -> dict:
     return summary
 
 
+def index_images(config: DemoConfig) -> Path:
+    """The test split's image features as a persistent index (jobs/build_index.py's code): what Serve searches."""
+    import shutil
+
+    from .index import IndexConfig
+    from .index.build import build_index
+
+    features = Path(config.output_dir) / "retrieval" / "test" / "features" / "images"
+    out = Path(config.output_dir) / "index" / "test_images"
+    shutil.rmtree(out, ignore_errors=True)  # the features were just written again: a new build, not a resumed one
+    report = build_index(IndexConfig(str(features), str(out)))
+    print(f"      index of the test images: {out} ({report.factory}, {report.count} vectors)")
+    return out
+
+
 def serve_smoke(config: DemoConfig, checkpoint: Path, index: Path) -> list[dict]:
     """Start the Serve app on 127.0.0.1, ask one search and one classification, stop it."""
     import requests
@@ -94,8 +109,8 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     data = timed("data", make_data, config)
     result = timed("finetune", finetune, config, data)
     summary = timed("retrieval", retrieval, config, data, result.checkpoint)
-    timed("serve", serve_smoke, config, result.checkpoint,
-          Path(config.output_dir) / "retrieval" / "test" / "features" / "images")
+    index = timed("index", index_images, config)
+    timed("serve", serve_smoke, config, result.checkpoint, index)
     print(f"\nDemo finished in {sum(timings.values()):.0f}s ("
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
     print(f"validation mean recall {result.final_metrics.get('valid_mean_recall', float('nan')):.1f}; "
