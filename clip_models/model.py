@@ -52,11 +52,28 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.bert.set_grad_checkpointing(enable)
 
-    def freeze_vision(self) -> None:
-        """Stop training the vision tower; ResNet BatchNorm statistics stay fixed too."""
-        self.vision_frozen = True
+    def freeze_vision(self, unfrozen_layers: int = 0) -> None:
+        """Stop training the vision tower, except (unfrozen_layers > 0) its last that many
+        blocks (ViT residual blocks, ResNet stages) and its head (final norm and projection, or
+        the attention pool), as open_clip's --lock-image-unlocked-groups. A wholly frozen tower
+        stays in eval mode: ResNet BatchNorm statistics stay fixed too."""
         self.visual.requires_grad_(False)
+        if isinstance(self.visual, ModifiedResNet):
+            blocks, head = [self.visual.layer1, self.visual.layer2, self.visual.layer3,
+                            self.visual.layer4], [self.visual.attnpool]
+        else:
+            blocks, head = list(self.visual.transformer.resblocks), [self.visual.ln_post, self.visual.proj]
+        _unfreeze(blocks, head, unfrozen_layers, "vision")
+        self.vision_frozen = unfrozen_layers == 0
         self.train(self.training)
+
+    def freeze_text(self, unfrozen_layers: int = 0) -> None:
+        """Stop training the text tower (BERT and the text projection), except (unfrozen_layers
+        > 0) its last that many encoder layers and the projection, as open_clip's
+        --lock-text-unlocked-layers."""
+        self.bert.requires_grad_(False)
+        self.text_projection.requires_grad_(False)
+        _unfreeze(list(self.bert.encoder.layer), [self.text_projection], unfrozen_layers, "text")
 
     def train(self, mode: bool = True) -> "CLIP":
         super().train(mode)
@@ -101,3 +118,12 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
     """Unit-length rows (cn_clip's `x / x.norm(dim=-1, keepdim=True)`): the one feature
     normaliser of the model, the batch jobs and the Serve app."""
     return features / features.norm(dim=-1, keepdim=True)
+
+
+def _unfreeze(blocks: list, head: list, count: int, tower: str) -> None:
+    """Train again the last `count` of `blocks` and the `head` (modules or parameters)."""
+    if not 0 <= count <= len(blocks):
+        raise ValueError(f"{count} unfrozen {tower} layers: the {tower} tower has {len(blocks)}")
+    if count:
+        for part in blocks[len(blocks) - count:] + head:
+            part.requires_grad_(True)

@@ -3,6 +3,7 @@ the synthetic dataset. Slow by nature (each run starts a worker group)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import torch
 
 import clip_models
 from clip_platform.train import TrainConfig, run_finetune
+from clip_platform.train.trainer import worker_cpus
 from cn_clip_ref import cn_clip_model
 from helpers import sample_log, synthetic_lmdb
 
@@ -50,7 +52,8 @@ SGD_LIKE = dict(lr=0.5, eps=1.0, val_data=None)
 
 def test_two_workers_equal_one_worker_with_the_global_batch(dataset, tmp_path, ray_local):
     one = run_finetune(tiny(dataset, tmp_path / "one", workers=1, batch_size=32, **SGD_LIKE))
-    two = run_finetune(tiny(dataset, tmp_path / "two", workers=2, batch_size=16, **SGD_LIKE))
+    # cn_clip's `--workers 2` with the default --cpus-per-worker (auto) on this 2-core machine
+    two = run_finetune(tiny(dataset, tmp_path / "two", workers=2, batch_size=16, cpus_per_worker="auto", **SGD_LIKE))
     losses_one = [m["loss"] for m in train_metrics(one.run_dir)]
     losses_two = [m["loss"] for m in train_metrics(two.run_dir)]
     assert len(losses_one) == 4 and losses_one == pytest.approx(losses_two, abs=5e-5)
@@ -194,6 +197,80 @@ def test_cli_errors_are_one_line(dataset, args, message):
     out = cli(*base, *args)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_non_finite_step_is_skipped_on_every_worker_and_too_many_stop_the_run(dataset, tmp_path, ray_local):
+    config = tiny(dataset, tmp_path / "nan", workers=2, max_steps=6, save_step_frequency=2, val_data=None,
+                  max_bad_steps=2)
+    result = run_finetune(config, faults={"nonfinite": {3: [1]}})  # worker 1's loss is NaN at step 3 only
+    metrics = train_metrics(result.run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 7)) and metrics[-1]["skipped_steps"] == 1
+    assert math.isnan(metrics[2]["loss"]) and all(math.isfinite(m["loss"]) for m in metrics if m["step"] != 3)
+    assert sample_log(result.run_dir) == planned_samples(config, 6)  # the skipped step used its batch
+    log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
+    assert "step 3: the loss is not finite on a worker; the step is skipped on every worker" in log_text
+
+    again = config.replace(logs=str(tmp_path / "stop"), max_steps=8)
+    with pytest.raises(ValueError, match=r"2 steps in a row up to step 6 had a non-finite loss .* the last good "
+                                         r"checkpoint is .*stop/run/checkpoints/epoch_latest.pt"):
+        run_finetune(again, faults={"nonfinite": {5: [0], 6: [1]}})
+
+
+def test_ema_weights_follow_the_decay(dataset, tmp_path, ray_local):
+    start = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
+    checkpoint = clip_models.save_checkpoint(start, tmp_path / "start.pt")
+    config = tiny(dataset, tmp_path / "ema", resume=str(checkpoint), ema_decay=0.5, max_steps=2,
+                  save_step_frequency=1, valid_step_interval=2)
+    result = run_finetune(config)
+    steps = [clip_models.read_checkpoint(config.checkpoint_dir / f"epoch_1_{s}.pt")[0] for s in (1, 2)]
+    ema = clip_models.read_checkpoint(config.checkpoint_dir / "epoch_latest.ema.pt")[0]
+    w0 = start.state_dict()
+    for key in ("visual.proj", "bert.encoder.layer.0.attention.self.query.weight", "text_projection"):
+        w1, w2 = steps[0][key], steps[1][key]
+        expected = 0.25 * w0[key] + 0.25 * w1 + 0.5 * w2  # ema = 0.5 ema + 0.5 w after each step
+        torch.testing.assert_close(ema[key], expected, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(ema[key], w2)
+    assert "ema_valid_t2i_r1" in result.final_metrics and "valid_t2i_r1" in result.final_metrics
+
+
+def test_frozen_tensors_stay_bit_identical(dataset, tmp_path, ray_local):
+    start = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
+    checkpoint = clip_models.save_checkpoint(start, tmp_path / "start.pt")
+    result = run_finetune(tiny(dataset, tmp_path / "frozen", resume=str(checkpoint), freeze_text=True,
+                               unfrozen_vision_layers=1, max_steps=2, val_data=None))
+    before, after = start.state_dict(), final_state(result)
+    last = f"visual.transformer.resblocks.{len(start.visual.transformer.resblocks) - 1}."
+    trained = {k for k in before if k.startswith((last, "visual.ln_post", "visual.proj")) or k == "logit_scale"}
+    for key, tensor in before.items():
+        if key in trained:
+            continue
+        assert torch.equal(tensor, after[key]), key  # the text tower and the vision tower but its last block
+    assert not torch.equal(before[last + "mlp.c_fc.weight"], after[last + "mlp.c_fc.weight"])
+    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+
+
+def test_worker_cpus_auto_share_the_machine_with_decoding(dataset):
+    def cpus(total, largest, **flags):
+        return worker_cpus(TrainConfig(train_data=str(dataset / "train"), **flags), total, largest)
+
+    assert cpus(2, 2, workers=2) == 0.75  # cn_clip's --workers 2 on 2 cores: half a CPU left for decoding
+    assert cpus(2, 2) == 1.5 and cpus(16, 4, workers=2) == 4  # a worker fits on the largest node
+    assert cpus(2, 2, workers=2, cpus_per_worker=0.5) == 0.5  # a number is kept
+    with pytest.raises(ValueError, match="8 training workers on 2 CPUs would get 0.15 CPUs each"):
+        cpus(2, 2, workers=8)
+    with pytest.raises(ValueError, match="2 training workers x 1 CPUs leave 0 of the cluster's 2 CPUs"):
+        cpus(2, 2, workers=2, cpus_per_worker=1)
+
+
+def test_resume_names_the_towers_unless_given(dataset, tmp_path):
+    checkpoint = clip_models.save_checkpoint(clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese"),
+                                             tmp_path / "tiny.pt")
+    made = TrainConfig(train_data=str(dataset / "train"), resume=str(checkpoint))
+    assert (made.vision_model, made.text_model) == ("ViT-Tiny", "BERT-Tiny-chinese")
+    assert TrainConfig(train_data=str(dataset / "train")).vision_model == "ViT-B-16"  # cn_clip's default
+    out = cli("--train-data", str(dataset / "train"), "--resume", str(checkpoint), "--vision-model", "RN50")
+    assert out.returncode == 2 and f"{checkpoint} does not fit RN50@BERT-Tiny-chinese" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1  # refused before any worker starts
 
 
 def test_cli_missing_split_is_one_line(tmp_path):

@@ -296,10 +296,16 @@ class QuerySample:
             results[keep]
 
 
+def per_query_recall(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|approx top-k ∩ exact top-k| / |exact top-k| of each query (-1 ids in approx: no hit)."""
+    return np.asarray([len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e))
+                       for a, e in zip(approx, exact)], np.float64)
+
+
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|."""
-    hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e)) for a, e in zip(approx, exact)]
-    return float(np.mean(hits)) if hits else float("nan")
+    hits = per_query_recall(approx, exact)
+    return float(np.mean(hits)) if len(hits) else float("nan")
 
 
 # ---------------------------------------------------------------- the job

@@ -60,7 +60,7 @@ class IndexReport:
     factory: str
     num_shards: int
     search_parameters: dict
-    recall: float  # recall@10 against exact search on the held-out tuning queries
+    recall: float  # recall@10 against exact search on the held-out tuning queries (their mean)
     recall_target: float
     tune_queries: int
     index_bytes: int
@@ -146,9 +146,9 @@ def build_index(config: IndexConfig) -> IndexReport:
     tuned = get(tasks.tune_index.remote(work.root, manifest, work.queries, exact_ids, config.recall_target, TUNE_K))
     manifest.update(search_parameters=tuned["params"],
                     recall={"k": TUNE_K, "target": config.recall_target, "reached": tuned["recall"],
-                            "queries": num_queries, "trials": tuned["trials"]})
-    log.info("%s: recall@%d %.4f with %s (target %.2f)", spec.factory, TUNE_K, tuned["recall"], tuned["params"],
-             config.recall_target)
+                            "lower_bound": tuned["lower_bound"], "queries": num_queries, "trials": tuned["trials"]})
+    log.info("%s: recall@%d %.4f (95%% lower bound %.4f) with %s (target %.2f)", spec.factory, TUNE_K,
+             tuned["recall"], tuned["lower_bound"], tuned["params"], config.recall_target)
     work.finish(manifest)
     return _report(config, manifest, time.perf_counter() - start, reused, nodes)
 

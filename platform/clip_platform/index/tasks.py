@@ -12,13 +12,13 @@ import numpy as np
 import ray
 
 from ..batch.features import FeatureShard, check_unique_ids
-from ..batch.knn import recall_at_k
+from ..batch.knn import per_query_recall
 from ..batch.runtime import node_id
 from ..batch.topk import exact_topk
 from ..io import atomic_path
 from .metadata import merge_id_runs, write_id_run
 from .search import ServedIndex
-from .tune import rerank_factor, tune
+from .tune import recall_bounds, rerank_factor, tune
 from .vectors import write_rows
 
 RETRIES = 3  # system failures (a node or worker lost); user errors are never retried
@@ -176,13 +176,14 @@ def tune_index(directory: Path, manifest: dict, queries_path: Path, exact_ids: n
     with np.load(queries_path) as saved:
         queries, query_ids = saved["vectors"], saved["ids"]
 
-    def recall_of(params: dict[str, int]) -> float:
+    def recall_of(params: dict[str, int]) -> tuple[float, float]:
         index.set_parameters(params)
-        return recall_at_k(others(index.search(queries, k + 1)[1], query_ids, k), exact_ids)
+        found = others(index.search(queries, k + 1)[1], query_ids, k)
+        return recall_bounds(per_query_recall(found, exact_ids))
 
     tuned = tune(manifest["factory"], recall_of, target, k, rerank_factor(manifest["factory"],
                                                                           manifest["vectors"] is not None))
-    return {"params": tuned.params, "recall": tuned.recall, "trials": tuned.trials}
+    return {"params": tuned.params, "recall": tuned.recall, "lower_bound": tuned.lower_bound, "trials": tuned.trials}
 
 
 def others(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:

@@ -121,10 +121,11 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
         count = get(tasks.build_whole.options(num_cpus=threads).remote(
             [inputs.shards[i] for i in live], root / old["index"], root / name, threads))
         shards = [{"index": name, "count": count, "bytes": tasks.file_bytes([root / name])}]
+    rows_of = [sum(scans[i]["rows"] for i in range(len(inputs.shards)) if inputs.shard_sources[i] == n)
+               for n in range(len(inputs.sources))]
     updated = {**manifest, "count": manifest["count"] + num_rows, "shards": shards, "metadata": tables,
-               "generation": generation, "sources": manifest["sources"] + [
-                   {**s, "rows": sum(scans[i]["rows"] for i in range(len(inputs.shards)) if inputs.shard_sources[i] == n)}
-                   for n, s in enumerate(inputs.sources)],
+               "generation": generation,
+               "sources": manifest["sources"] + [{**s, "rows": rows} for s, rows in zip(inputs.sources, rows_of)],
                "history": manifest.get("history", []) + [{"add": list(config.features), "rows": num_rows}]}
     if vectors is not None:
         updated["vectors"] = {**manifest["vectors"], "segments": segments + [

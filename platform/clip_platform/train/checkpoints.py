@@ -15,6 +15,7 @@ from .config import TrainConfig
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
+EMA_FILE = "ema.pt"
 log = logging.getLogger("clip_platform.train")
 
 
@@ -45,6 +46,10 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             log.info(message)
+
+    def warning(self, message: str) -> None:
+        if self.enabled:
+            log.warning(message)
 
     def log_params(self, plan, total_steps: int) -> None:
         if not self.enabled:
@@ -111,6 +116,12 @@ def write_ray_checkpoint(directory: Path, model, model_state: dict, position) ->
     format), and the position."""
     clip_models.save_checkpoint(model_state, directory / MODEL_FILE, config=model.config)
     write_json(directory / STATE_FILE, {"position": dataclasses.asdict(position)})
+
+
+def write_ema_file(config: TrainConfig, ema_state: dict, position) -> None:
+    """The averaged weights beside the raw ones: epoch_latest.ema.pt, in cn_clip's layout."""
+    with atomic_path(config.checkpoint_dir / "epoch_latest.ema.pt") as tmp:
+        clip_models.export_cn_clip(ema_state, tmp, epoch=position.epoch, step=position.global_step, name=config.name)
 
 
 def write_cn_clip_files(config: TrainConfig, model_state: dict, position, epoch_end: int | None,

@@ -13,6 +13,7 @@ from .. import config as config_io
 from ..batch.precision import PRECISIONS
 
 BACKENDS = ("deepspeed", "ddp")
+DEFAULT_TOWERS = ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")  # cn_clip's defaults
 
 
 def default_optimizer_params(vision_model: str) -> dict[str, float]:
@@ -62,12 +63,15 @@ class TrainConfig:
     reset_data_offset: bool = False  # restart the data at epoch 0, step 0 after --resume
     # model
     precision: Literal[PRECISIONS] = "amp"  # amp and fp16 need a GPU (CPU runs fp32)
-    vision_model: str = "ViT-B-16"  # a name in clip_models/configs
-    text_model: str = "RoBERTa-wwm-ext-base-chinese"  # a text tower name in clip_models/configs
+    vision_model: str | None = None  # a name in clip_models/configs (default: --resume's tower, else ViT-B-16)
+    text_model: str | None = None  # a text tower name in clip_models/configs (default: --resume's, else RoBERTa)
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training (ViT only)
     clip_weight_path: str | None = None  # OpenAI CLIP weights (JIT archive or state dict) for vision + logit_scale
     bert_weight_path: str | None = None  # Chinese BERT weights (HF directory or state dict) for the text tower
     freeze_vision: bool = False  # train the text tower only (RN50 BatchNorm statistics frozen too)
+    freeze_text: bool = False  # train the vision tower only (BERT and the text projection frozen)
+    unfrozen_vision_layers: int | None = None  # freeze the vision tower but its last N blocks and its head
+    unfrozen_text_layers: int | None = None  # freeze the text tower but its last N layers and its projection
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     use_flash_attention: bool = False  # cn_clip flag; SDPA picks flash kernels on GPU regardless
     use_bn_sync: bool = False  # SyncBatchNorm for RN50
@@ -82,15 +86,18 @@ class TrainConfig:
     # Ray Train / DeepSpeed
     workers: int = 1  # Ray Train workers (one per GPU with --use-gpu)
     use_gpu: bool = False  # one GPU per training worker
-    cpus_per_worker: float = 1.0  # CPUs reserved per training worker; leave some for data decoding
+    cpus_per_worker: str | float = "auto"  # CPUs per training worker; auto: the cluster's, shared with decoding
     backend: Literal[BACKENDS] = "deepspeed"  # DeepSpeed (ZeRO) or PyTorch DDP
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
     storage_path: str | None = None  # Ray Train storage (local dir or s3://); default {logs}/ray_results
     num_to_keep: int = 2  # Ray Train checkpoints kept (latest)
     max_failures: int = 1  # worker-group restarts from the last checkpoint
+    ema_decay: float = 0.0  # a moving average of the weights with this decay (0: off), validated and saved too
+    max_bad_steps: int = 10  # steps in a row with a non-finite loss (each skipped on every worker) before the run stops
 
     def __post_init__(self):
         self._absolute_paths()
+        self._architecture()
         self._check_choices()
         self._check_sizes()
         self._check_model()
@@ -110,6 +117,22 @@ class TrainConfig:
             if name in ("logs", "storage_path", "train_data", "val_data") or path.exists():
                 object.__setattr__(self, name, str(path.resolve()))
 
+    def _architecture(self):
+        """Towers not named are --resume's (read from the checkpoint without loading it, as embed
+        does), or cn_clip's defaults without one."""
+        if self.vision_model and self.text_model:
+            return
+        names = DEFAULT_TOWERS
+        if self.resume:
+            from clip_models.checkpoint import inspect_checkpoint
+
+            names = tuple(inspect_checkpoint(self.resume).struct_name().split("@"))
+            if "custom" in names:
+                raise ValueError(f"--resume {self.resume} holds towers that are not named configs ({'@'.join(names)}); "
+                                 f"give --vision-model and --text-model")
+        object.__setattr__(self, "vision_model", self.vision_model or names[0])
+        object.__setattr__(self, "text_model", self.text_model or names[1])
+
     def _check_choices(self):
         if not self.train_data:
             raise ValueError("--train-data is required (an LMDB split dir such as datasets/MUGE/lmdb/train)")
@@ -121,14 +144,33 @@ class TrainConfig:
             raise ValueError(f"--zero-stage must be 0..3, got {self.zero_stage}")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("--precision fp16 needs --use-gpu (CPU training runs fp32 or bf16)")
+        if self.freeze_vision and self.freeze_text:
+            raise ValueError("--freeze-vision and --freeze-text together leave nothing to train")
+        for tower in ("vision", "text"):
+            unfrozen = getattr(self, f"unfrozen_{tower}_layers")
+            if unfrozen is not None and getattr(self, f"freeze_{tower}"):
+                raise ValueError(f"--freeze-{tower} freezes the whole tower; --unfrozen-{tower}-layers {unfrozen} "
+                                 f"keeps some of it training: give one")
+            if unfrozen is not None and unfrozen < 0:
+                raise ValueError(f"--unfrozen-{tower}-layers must not be negative, got {unfrozen}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_decay and self.backend == "deepspeed" and self.zero_stage == 3:
+            raise ValueError("--ema-decay needs whole weights on every worker: use --zero-stage 2 or lower")
         if self.distillation and not self.teacher_model_name:
             raise ValueError("--distillation needs --teacher-model-name (any checkpoint clip_models.load accepts)")
 
     def _check_sizes(self):
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.cpus_per_worker != "auto":
+            try:
+                cpus = float(self.cpus_per_worker)
+            except (TypeError, ValueError):
+                raise ValueError(f"--cpus-per-worker must be auto or a number, got {self.cpus_per_worker!r}") from None
+            if not cpus > 0:
+                raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
+            object.__setattr__(self, "cpus_per_worker", str(self.cpus_per_worker))
         for name in ("batch_size", "valid_batch_size", "accum_freq", "workers", "num_workers",
-                     "valid_num_workers", "log_interval", "num_to_keep"):
+                     "valid_num_workers", "log_interval", "num_to_keep", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -142,6 +184,13 @@ class TrainConfig:
 
     def _check_model(self):
         model = self.model_config()  # raises for unknown names
+        layers = {"vision": len(model.vision.layers) if model.vision.is_resnet else model.vision.layers,
+                  "text": model.text.num_layers}
+        for tower, count in layers.items():
+            unfrozen = getattr(self, f"unfrozen_{tower}_layers")
+            if unfrozen is not None and unfrozen > count:
+                name = getattr(self, f"{tower}_model")
+                raise ValueError(f"--unfrozen-{tower}-layers {unfrozen}: the {tower} tower of {name} has {count}")
         if self.mask_ratio > 0 and model.vision.is_resnet:
             raise ValueError(f"--mask-ratio (FLIP) works on ViT towers only, not {self.vision_model}")
         config_io.check_context_length(self.context_length, model, self.text_model)

@@ -21,6 +21,7 @@ import clip_models
 from . import checkpoints
 from .config import TrainConfig
 from .data import SampleDecoder, open_pairs, stream_batches
+from .ema import EMA
 from .engine import Engine, select_device, world
 from .objective import contrastive
 from .plan import Plan, validation_indices
@@ -58,8 +59,10 @@ def build_model(config: TrainConfig) -> clip_models.CLIP:
         init_from_pretrained(model, config.clip_weight_path, config.bert_weight_path)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if config.freeze_vision:
-        model.freeze_vision()
+    if config.freeze_vision or config.unfrozen_vision_layers is not None:
+        model.freeze_vision(config.unfrozen_vision_layers or 0)
+    if config.freeze_text or config.unfrozen_text_layers is not None:
+        model.freeze_text(config.unfrozen_text_layers or 0)
     return model
 
 
@@ -74,8 +77,9 @@ def load_teacher(config: TrainConfig, device: torch.device):
 class Trainer:
     """State of one worker's run; methods are the phases of cn_clip's main/train."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, faults: dict | None = None):
         self.config = config
+        self.faults = faults or {}  # tests: {"nonfinite": {step: [ranks]}} makes those ranks' loss NaN there
         self.rank, self.world_size = world()
         seed_everything(config.seed)
         self.device = select_device(config)
@@ -85,14 +89,21 @@ class Trainer:
                          config.seed)
         self.total_steps, self.max_epochs = self._schedule_length()
         self.engine = Engine(build_model(config), config, self.device)
+        self.ema = None  # made from the weights the run starts with (after _restore)
         self.teacher = load_teacher(config, self.device)
         self.position = Position()
         self._saved_step = -1
         self.last_validation: dict = {}
         self.bad_records: list[str] = []
+        self.bad_steps = self.skipped_steps = 0  # non-finite steps: in a row, and in all
+        self.last_checkpoint: str | None = None
         self.logger = checkpoints.RunLogger(config, self.rank)
         self.logger.worker_nodes(gather_objects(worker_node(), merge=False))
-        self._restore()
+        saved_ema = self._restore()
+        if config.ema_decay:
+            self.ema = EMA(self.engine.module, config.ema_decay)
+            if saved_ema is not None:  # a resumed run continues its average
+                self.ema.load_state_dict(saved_ema)
 
     def _schedule_length(self) -> tuple[int, int]:
         steps = self.plan.steps_per_epoch
@@ -101,7 +112,9 @@ class Trainer:
         return steps * self.config.max_epochs, self.config.max_epochs
 
     # ------------------------------------------------------------ restore
-    def _restore(self) -> None:
+    def _restore(self) -> dict | None:
+        """Restore the run's position and weights; returns the moving average a Ray Train
+        checkpoint holds (--ema-decay), if any."""
         import ray.train
 
         # Ray Train hands back the run's latest checkpoint after a worker-group restart,
@@ -109,17 +122,20 @@ class Trainer:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                self._restore_ray_checkpoint(Path(directory))
-        elif self.config.resume:
+                return self._restore_ray_checkpoint(Path(directory))
+        if self.config.resume:
             self._restore_file(self.config.resume)
+        return None
 
-    def _restore_ray_checkpoint(self, directory: Path) -> None:
+    def _restore_ray_checkpoint(self, directory: Path) -> dict | None:
         state = json.loads((directory / checkpoints.STATE_FILE).read_text())
         self.engine.load_model_state(clip_models.read_checkpoint(directory / checkpoints.MODEL_FILE)[0])
         self.engine.load(directory, load_optimizer=True)
         self.position = Position(**state["position"])
         self.logger.info(f"=> resumed from checkpoint {directory} at epoch {self.position.epoch + 1}, "
                          f"step {self.position.global_step}")
+        ema = directory / checkpoints.EMA_FILE
+        return torch.load(ema, map_location=self.device, weights_only=True) if ema.is_file() else None
 
     def _restore_file(self, path: str) -> None:
         """--resume: any checkpoint clip_models.load accepts; cn_clip's epoch/step/optimizer too
@@ -172,8 +188,11 @@ class Trainer:
                 break
             data_time = time.perf_counter() - end
             loss, acc = self._step(micro)
-            self.position.step_in_epoch += 1
+            self.position.step_in_epoch += 1  # a skipped step used its batch: the sample order stays
             self.position.global_step += 1
+            self._count_nonfinite(loss)
+            if self.ema is not None and math.isfinite(loss):
+                self.ema.update(self.engine.module)
             batch_time = time.perf_counter() - end
             end = time.perf_counter()
             self._after_step(epoch, loss, acc, data_time, batch_time, micro)
@@ -188,6 +207,8 @@ class Trainer:
             images, tokens, valid = tensors[0]
             image_features, text_features, scale = self.engine.forward(images, tokens, config.mask_ratio)
             loss, acc = self._loss(image_features, text_features, scale, valid, teacher[0])
+            if not self._finite(loss):
+                return float("nan"), acc
             self.engine.backward(loss, last=True)
             return loss.item(), acc
         with torch.no_grad():  # cn_clip's feature cache: the other chunks serve as fixed negatives
@@ -203,8 +224,21 @@ class Trainer:
             # pass only, or it would get accum_freq times the full-batch gradient.
             loss, acc = self._loss(image_features, text_features, scale if last else scale.detach(), valid,
                                    teacher_all)
+            if j == 0 and not self._finite(loss):  # every pass holds the whole batch's loss: one check
+                return float("nan"), acc
             self.engine.backward(loss, last=last)
         return loss.item(), acc
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether every worker's loss is finite (one all-reduce): a step is skipped by all alike,
+        before any backward, so no worker waits in a collective the others never enter."""
+        ranks = self.faults.get("nonfinite", {}).get(self.position.global_step + 1, ())
+        if self.rank in ranks:
+            loss = loss * float("nan")
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())], dtype=torch.float32)
+        if self.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
     def _loss(self, image_features, text_features, scale, valid, teacher):
         config = self.config
@@ -224,13 +258,30 @@ class Trainer:
             self.bad_records.append(str(batch["error"][row]))
         return tuple(torch.tensor(batch[key], device=self.device) for key in ("image", "tokens", "valid"))
 
+    def _count_nonfinite(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        step = self.position.global_step
+        self.logger.warning(f"step {step}: the loss is not finite on a worker; the step is skipped on every worker "
+                            f"({self.bad_steps} in a row, {self.skipped_steps} in all)")
+        if self.bad_steps >= self.config.max_bad_steps:
+            raise NonFiniteTraining(
+                f"{self.bad_steps} steps in a row up to step {step} had a non-finite loss (--max-bad-steps "
+                f"{self.config.max_bad_steps}); the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint was saved)'}; lower --lr or raise --warmup, then --resume "
+                f"from it")
+
     def _after_step(self, epoch, loss, acc, data_time, batch_time, micro) -> None:
         config, step = self.config, self.position.global_step
         with self.engine.gathered([self.engine.module.logit_scale]):
             logit_scale = self.engine.module.logit_scale.item()
         metrics = {"step": step, "epoch": epoch + 1, "loss": loss, "i2t_acc": acc["i2t"], "t2i_acc": acc["t2i"],
                    "lr": self.engine.lr, "logit_scale": logit_scale, "data_time": data_time,
-                   "batch_time": batch_time, "samples_per_s": config.global_batch_size / max(batch_time, 1e-9)}
+                   "batch_time": batch_time, "samples_per_s": config.global_batch_size / max(batch_time, 1e-9),
+                   "skipped_steps": self.skipped_steps}
         if config.record_sample_ids:
             self.logger.record_samples(step, gather_indices(micro))
         if step % config.log_interval == 0 or step == self.total_steps:
@@ -250,6 +301,17 @@ class Trainer:
     def validate(self) -> dict[str, float] | None:
         if not self.config.val_data:
             return None
+        result = self._validate()
+        if self.ema is not None:
+            with self.ema.applied(self.engine.module):
+                averaged = self._validate(log_line=False)
+            result.update({f"ema_{key}": value for key, value in averaged.items() if key != "step"})
+            self.logger.info("EMA weights: " + " | ".join(f"{key}: {value:.4f}" for key, value in averaged.items()
+                                                          if key != "step"))
+        self.last_validation = result
+        return result
+
+    def _validate(self, log_line: bool = True) -> dict[str, float]:
         config = self.config
         self.engine.train(False)
         indices = validation_indices(len(self.val_pairs), config.valid_batch_size, self.world_size, self.rank,
@@ -273,8 +335,8 @@ class Trainer:
         result = {"valid_loss": sums[0].item() / sums[3].item(), "valid_i2t_acc": sums[1].item() / sums[3].item(),
                   "valid_t2i_acc": sums[2].item() / sums[3].item()}
         result.update(retrieval_recall(gather_objects(seen)), step=self.position.global_step)
-        self.logger.validation_line(result, self.position, self.engine.module, config.valid_batch_size)
-        self.last_validation = result
+        if log_line:
+            self.logger.validation_line(result, self.position, self.engine.module, config.valid_batch_size)
         return result
 
     # ------------------------------------------------------------ checkpoints
@@ -291,10 +353,17 @@ class Trainer:
             self.engine.save(directory)
             if self.rank == 0:
                 checkpoints.write_ray_checkpoint(directory, self.engine.module, model_state, self.position)
+                if self.ema is not None:
+                    torch.save(self.ema.state_dict(), directory / checkpoints.EMA_FILE)
+                    with self.ema.applied(self.engine.module):
+                        ema_state = self.engine.model_state()
+                    checkpoints.write_ema_file(self.config, ema_state, self.position)
                 checkpoints.write_cn_clip_files(self.config, model_state, self.position, epoch_end, step_file,
                                                 final, self.engine.optimizer_state_for_cn_clip())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self._saved_step = self.position.global_step
+        if self.bad_steps == 0:
+            self.last_checkpoint = str(self.config.checkpoint_dir / "epoch_latest.pt")
 
 
 def worker_node() -> dict:
@@ -347,7 +416,12 @@ def retrieval_recall(samples: dict[int, tuple]) -> dict[str, float]:
     return result
 
 
+class NonFiniteTraining(ValueError):
+    """The loss stayed non-finite for --max-bad-steps steps: the run stops (a user's matter:
+    learning rate, data, precision), naming the step and the last good checkpoint."""
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point Ray Train runs on every worker."""
-    trainer = Trainer(loop_config["config"])
+    trainer = Trainer(loop_config["config"], loop_config.get("faults"))
     trainer.fit()

@@ -2,17 +2,20 @@
 then the run's summary and plot."""
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..batch.runtime import largest_node_cpus
 from ..io import write_json
 from .config import TrainConfig
 from .data import DECODE_CPUS, count_pairs
-from .loop import train_loop_per_worker
+from .loop import NonFiniteTraining, train_loop_per_worker
 from .plan import Plan
 from .plot import plot_run
 
-
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -31,19 +34,46 @@ def check_data(config: TrainConfig) -> None:
         count_pairs(config.val_data)
 
 
-def check_resources(config: TrainConfig, resources: dict) -> None:
-    """Decoding runs as Ray Data tasks beside the training workers: they need CPUs left over."""
-    spare = resources.get("CPU", 0) - config.workers * config.cpus_per_worker
+MIN_WORKER_CPUS = 0.25  # auto: a training worker gets at least this much of a CPU
+GPU_WORKER_CPUS = 2.0  # auto, with --use-gpu: the GPU computes; a worker needs a CPU or two
+
+
+def worker_cpus(config: TrainConfig, total: float, largest_node: float) -> float:
+    """CPUs reserved per training worker. Decoding runs as Ray Data tasks beside the workers,
+    so DECODE_CPUS stay free. auto: the rest shared by the workers (capped at the largest node,
+    where one worker must fit; with GPUs, GPU_WORKER_CPUS). A command that cannot run is refused."""
+    if config.use_gpu:
+        return _fits(config, float(config.cpus_per_worker) if config.cpus_per_worker != "auto"
+                     else min(GPU_WORKER_CPUS, max(MIN_WORKER_CPUS, (total - DECODE_CPUS) / config.workers)), total)
+    if config.cpus_per_worker != "auto":
+        return _fits(config, float(config.cpus_per_worker), total)
+    share = min(largest_node, (total - DECODE_CPUS) / config.workers)
+    share = int(share * 20) / 20  # in twentieths: 2 workers on 2 CPUs get 0.75 each
+    if share < MIN_WORKER_CPUS:
+        raise ValueError(f"{config.workers} training workers on {total:g} CPUs would get {max(share, 0):g} CPUs each "
+                         f"beside data decoding ({DECODE_CPUS:g}); lower --workers or add nodes")
+    return share
+
+
+def _fits(config: TrainConfig, cpus: float, total: float) -> float:
+    spare = total - config.workers * cpus
     if spare < DECODE_CPUS:
         raise ValueError(
-            f"{config.workers} training workers x {config.cpus_per_worker} CPUs leave {spare:g} of the cluster's "
-            f"{resources.get('CPU', 0):g} CPUs for data decoding; lower --cpus-per-worker or --workers, or add nodes")
+            f"{config.workers} training workers x {cpus:g} CPUs leave {spare:g} of the cluster's {total:g} CPUs "
+            f"for data decoding; lower --cpus-per-worker (or leave it auto) or --workers, or add nodes")
+    return cpus
+
+
+def check_resources(config: TrainConfig, resources: dict, largest_node: float) -> float:
+    """The CPUs per training worker (worker_cpus), and GPUs for every worker with --use-gpu."""
     if config.use_gpu and resources.get("GPU", 0) < config.workers:
         raise ValueError(f"--use-gpu with {config.workers} workers needs {config.workers} GPUs; "
                          f"the cluster has {resources.get('GPU', 0):g}")
+    return worker_cpus(config, resources.get("CPU", 0), largest_node)
 
 
-def run_finetune(config: TrainConfig) -> FinetuneResult:
+def run_finetune(config: TrainConfig, faults: dict | None = None) -> FinetuneResult:
+    """Finetune on the cluster. `faults` (tests only) is handed to every worker: see loop.Trainer."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -51,21 +81,28 @@ def run_finetune(config: TrainConfig) -> FinetuneResult:
     check_data(config)
     if not ray.is_initialized():
         ray.init()  # embedded local Ray, or the cluster of `ray job submit`
-    check_resources(config, ray.cluster_resources())
+    cpus = check_resources(config, ray.cluster_resources(), largest_node_cpus())
+    log.info("%d training worker(s) with %g CPUs each", config.workers, cpus)
     storage = config.storage_path or str(Path(config.logs) / "ray_results")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config},
+        train_loop_config={"config": config, "faults": faults},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=config.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train hands back the workers' traceback as text
+        stopped = re.search(r"NonFiniteTraining: (.+)", str(exc))
+        if stopped is None:
+            raise
+        raise NonFiniteTraining(stopped.group(1).strip()) from None
     metrics = dict(result.metrics or {})
     plot = plot_run(config.run_dir)
     summary = {"run_dir": str(config.run_dir), "checkpoint": str(config.checkpoint_dir / "epoch_latest.pt"),
