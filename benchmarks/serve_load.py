@@ -13,6 +13,17 @@ the CPU seconds each process (client, proxy, Gateway, Encoder, Ray's own) spent 
 
 Requests go to the Gateway replica's own HTTP port (Serve's direct ingress, as `python -m serve`
 starts it); --via-proxy sends them through Serve's HTTP proxy actor instead.
+
+    python benchmarks/serve_load.py --search-index DIR [--search-clients 32] [--search-requests 4000]
+                                    [--memory-limit 4GiB] [--search-groups 0]
+
+--search-index loads POST /search instead, over an index built by jobs/build_index.py (e.g. the
+one `benchmarks/index.py --rows 2000000` leaves in its --workdir), by `image_id` (more like
+this: the stored vector, fanned out to every Search group and merged), so the figures are the
+search path's, not the text encoder's. Each Serve replica process is moved into a memory cgroup
+of its own (v1, /sys/fs/cgroup/memory, root) limited to --memory-limit. Prints QPS, p50/p99 and
+errors, and per replica its resident memory (psutil RSS and the cgroup's peak) against the
+index's size on disk; the baseline is the same searches in this process, one at a time.
 """
 from __future__ import annotations
 
@@ -67,15 +78,23 @@ def best_offline(model, texts: list[str], batch_sizes=(16, 32, 64, 128)) -> tupl
 async def load(url: str, row: Row, texts: list[str], on_start=lambda: None) -> tuple[float, list[float], int]:
     """(elapsed s, latencies of successful requests, errors) for one row; on_start() runs after
     the warm-up, when the clock starts."""
-    import aiohttp
-
     bodies = [{"texts": [texts[(i * row.texts + j) % len(texts)] for j in range(row.texts)]}
               for i in range(row.requests)]
+    return await post_all(url, bodies, row.clients, lambda body, data: len(data["embeddings"]) == len(body["texts"]),
+                          min(row.clients, max(1, 64 // row.texts)), on_start)
+
+
+async def post_all(url: str, bodies: list[dict], clients: int, ok, warm_up: int,
+                   on_start=lambda: None) -> tuple[float, list[float], int]:
+    """POST every body from `clients` concurrent keep-alive clients after `warm_up` uncounted
+    ones; (elapsed s, latencies of the replies ok(body, data) accepts, errors)."""
+    import aiohttp
+
     latencies: list[float] = []
     errors = 0
     pending = iter(bodies)
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=row.clients), timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients), timeout=timeout) as session:
         async def client():
             nonlocal errors
             for body in pending:
@@ -83,10 +102,10 @@ async def load(url: str, row: Row, texts: list[str], on_start=lambda: None) -> t
                 try:
                     async with session.post(url, json=body) as reply:
                         data = await reply.json()
-                        ok = reply.status == 200 and len(data["embeddings"]) == len(body["texts"])
+                        good = reply.status == 200 and ok(body, data)
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
-                    ok = False
-                if ok:
+                    good = False
+                if good:
                     latencies.append(time.perf_counter() - start)
                 else:
                     errors += 1
@@ -95,11 +114,10 @@ async def load(url: str, row: Row, texts: list[str], on_start=lambda: None) -> t
             async with session.post(url, json=body) as reply:
                 await reply.read()
 
-        # Warm-up, not counted: about 64 texts at full concurrency.
-        await asyncio.gather(*[warm(b) for b in bodies[:min(row.clients, max(1, 64 // row.texts))]])
+        await asyncio.gather(*[warm(b) for b in bodies[:warm_up]])  # not counted
         on_start()
         start = time.perf_counter()
-        await asyncio.gather(*[client() for _ in range(row.clients)])
+        await asyncio.gather(*[client() for _ in range(clients)])
         return time.perf_counter() - start, latencies, errors
 
 
@@ -135,6 +153,96 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def replica_processes() -> dict[str, "psutil.Process"]:
+    """The Serve replica processes of the app "clip" by deployment (ray::ServeReplica:clip:NAME)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::ServeReplica:clip:"):
+            found[f"{cmdline.split()[0].rsplit(':', 1)[1]}/{proc.info['pid']}"] = proc
+    return found
+
+
+def hold_in_cgroups(processes: dict, limit_bytes: int) -> dict[str, Path]:
+    """Each process into a memory cgroup of its own limited to `limit_bytes` (cgroup v1), after its
+    start: what it maps and allocates from then on (the index pages a search touches) is held to
+    the limit; pages charged before move with it where the kernel still can. {} when cgroups
+    cannot be used here."""
+    if not (CGROUP / "cgroup.procs").exists() or os.geteuid() != 0:
+        print("no writable memory cgroup (v1, root): replicas run without a memory limit")
+        return {}
+    groups = {}
+    for name, proc in processes.items():
+        group = CGROUP / "clip-serve-bench" / name.replace("/", "-")
+        group.mkdir(parents=True, exist_ok=True)
+        try:
+            (group / "memory.move_charge_at_immigrate").write_text("3")
+        except OSError:  # newer kernels dropped it: pages charged before the move stay with the parent
+            pass
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        (group / "cgroup.procs").write_text(str(proc.pid))
+        groups[name] = group
+    return groups
+
+
+def release_cgroups(timeout_s: float = 30) -> None:
+    """Remove the benchmark's cgroups once their processes have exited (after Ray stopped)."""
+    parent = CGROUP / "clip-serve-bench"
+    deadline = time.monotonic() + timeout_s
+    while parent.is_dir() and time.monotonic() < deadline:
+        for group in [g for g in parent.iterdir() if g.is_dir()] + [parent]:
+            try:
+                group.rmdir()
+            except OSError:  # a process is still inside
+                pass
+        time.sleep(0.5)
+
+
+def directory_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def search_benchmark(args, base: str, index_dir: str, ids: "np.ndarray") -> None:
+    """/search by image_id at args.search_clients, replicas in memory cgroups; the report."""
+    import numpy as np
+
+    from clip_platform.index import open_index
+    from clip_platform.index.config import parse_bytes
+
+    rng = np.random.default_rng(0)
+    queries = rng.choice(ids, args.search_requests).tolist()
+    bodies = [{"image_id": int(i), "top_k": 10} for i in queries]
+    groups = hold_in_cgroups(replica_processes(), parse_bytes(args.memory_limit))
+    elapsed, latencies, errors = asyncio.run(post_all(
+        base + "/search", bodies, args.search_clients, lambda body, data: len(data["results"]) == body["top_k"],
+        args.search_clients))
+    memory = {name: (proc.memory_info().rss, int((groups[name] / "memory.max_usage_in_bytes").read_text())
+                     if name in groups else None) for name, proc in replica_processes().items()}
+    index = open_index(index_dir)
+    sample = np.asarray(queries[:200])
+    _, vectors = index.vectors(sample)
+    start = time.perf_counter()
+    for row in vectors:
+        index.search(row[None], 10)
+    offline = len(sample) / (time.perf_counter() - start)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    size = directory_bytes(index_dir)
+    print(f"index {index_dir}: {index.ntotal} vectors x {index.dim}, {len(index.shards)} shard(s), "
+          f"{size / 2**30:.2f} GiB on disk; offline (this process, one query at a time): {offline:.0f} QPS")
+    print(f"/search by image_id, {args.search_clients} clients, {args.search_requests} requests: "
+          f"{len(latencies) / elapsed:.1f} QPS, p50 {q[49] * 1e3:.0f} ms, p99 {q[98] * 1e3:.0f} ms, {errors} errors")
+    # The cgroup's peak counts from the move into it, after start-up: what searching added.
+    print(f"{'replica':<28} {'RSS MiB':>8} {'cgroup peak MiB':>15} {'RSS / index on disk':>20}")
+    for name, (rss, peak) in sorted(memory.items()):
+        print(f"{name:<28} {rss / 2**20:>8.0f} {peak / 2**20 if peak else float('nan'):>15.0f} {rss / size:>20.3f}")
+    print(f"memory limit per replica: {args.memory_limit}" if groups else "no memory limit")
+
+
 def main() -> None:
     import ray
     from ray import serve
@@ -163,7 +271,14 @@ def main() -> None:
                              "(the Gateway replica serving HTTP itself)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="more environment for Ray's processes (e.g. Serve feature flags); repeat for more")
+    parser.add_argument("--search-index", help="an index directory: load POST /search by image_id instead")
+    parser.add_argument("--search-clients", type=int, default=32, help="concurrent /search clients (default 32)")
+    parser.add_argument("--search-requests", type=int, default=4000, help="/search requests (default 4000)")
+    parser.add_argument("--search-groups", type=int, default=0, help="ServeConfig.search_groups (0: one per shard)")
+    parser.add_argument("--memory-limit", default="4GiB", help="memory cgroup limit per Serve replica (default 4GiB)")
     args = parser.parse_args()
+    if args.search_index:
+        return main_search(args)
     if not args.via_proxy:
         enable_direct_ingress()
         # An ingress replica stays up this long after serve.shutdown for load balancers to drop it
@@ -222,6 +337,42 @@ def main() -> None:
         if args.profile:
             print(f"        CPU s in {elapsed:.1f} s: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05))
+
+
+def main_search(args) -> None:
+    """Serve the index (the Encoder holds --model; queries by id do not use it) and load /search."""
+    import numpy as np
+    import ray
+    from ray import serve
+
+    from clip_platform.index import open_index
+    from serve.app import ServeConfig, build_app, enable_direct_ingress, gateway_urls
+
+    if not args.via_proxy:
+        enable_direct_ingress()
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    sys.stdout.reconfigure(line_buffering=True)
+    ids = np.asarray(open_index(args.search_index, shards=[]).metadata.ids)
+    torch.manual_seed(0)
+    model = clip_models.create_model(args.model).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = clip_models.save_checkpoint(model, Path(tmp) / "model.pt")
+        del model
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServeConfig(checkpoints={"m": str(checkpoint)}, index=args.search_index, min_replicas=1,
+                             max_replicas=1, num_cpus=0.25, search_groups=args.search_groups, search_cpus=0.5,
+                             access_log=args.access_log, max_ongoing_requests=max(64, args.search_clients),
+                             max_queued_requests=args.search_requests)
+        serve.run(build_app(config), name="clip", route_prefix="/")
+        base = gateway_urls("clip", "127.0.0.1", port)[0]
+        try:
+            search_benchmark(args, base, args.search_index, ids)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            release_cgroups()
 
 
 if __name__ == "__main__":
