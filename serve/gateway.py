@@ -8,7 +8,6 @@ annotations, which Serve's ingress wrapper cannot resolve from strings."""
 import asyncio
 import base64
 import functools
-import threading
 import time
 from pathlib import Path
 
@@ -81,7 +80,6 @@ class Gateway:
         self.searchers, self.index_model = searchers or [], index_model
         # The id table and stored vectors only (no shard): metadata of hits, vectors for more-like-this.
         self.index = open_index(config.index, shards=[]) if config.index else None
-        self._lookup_lock = threading.Lock()
         self.images = ImageStore(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()
@@ -298,11 +296,10 @@ class Gateway:
         return {"model": model, "results": results}
 
     def _lookup(self, ids: list[int]) -> dict[int, dict]:
-        with self._lookup_lock:  # one reader of the id table's Parquet file at a time
-            return self.index.lookup(ids)
+        return self.index.lookup(ids)  # the id table is memory-mapped and read-only: threads share it
 
     async def _stored_vector(self, item: int) -> np.ndarray:
-        if self.index.store is None:
+        if not self.index.has_vectors:
             raise HTTPException(409, "the index was built without its vectors (--no-store-vectors): "
                                      "no search by id")
         found, vectors = await asyncio.to_thread(self.index.vectors, [item])

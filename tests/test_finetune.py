@@ -216,37 +216,28 @@ def test_a_non_finite_step_is_skipped_on_every_worker_and_too_many_stop_the_run(
         run_finetune(again, faults={"nonfinite": {5: [0], 6: [1]}})
 
 
-def test_ema_weights_follow_the_decay(dataset, tmp_path, ray_local):
+def test_frozen_tensors_stay_bit_identical_and_ema_follows_the_decay(dataset, tmp_path, ray_local):
     start = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
     checkpoint = clip_models.save_checkpoint(start, tmp_path / "start.pt")
-    config = tiny(dataset, tmp_path / "ema", resume=str(checkpoint), ema_decay=0.5, max_steps=2,
-                  save_step_frequency=1, valid_step_interval=2)
+    config = tiny(dataset, tmp_path / "frozen", resume=str(checkpoint), freeze_text=True, unfrozen_vision_layers=1,
+                  ema_decay=0.5, max_steps=2, save_step_frequency=1, valid_step_interval=2)
     result = run_finetune(config)
-    steps = [clip_models.read_checkpoint(config.checkpoint_dir / f"epoch_1_{s}.pt")[0] for s in (1, 2)]
-    ema = clip_models.read_checkpoint(config.checkpoint_dir / "epoch_latest.ema.pt")[0]
-    w0 = start.state_dict()
-    for key in ("visual.proj", "bert.encoder.layer.0.attention.self.query.weight", "text_projection"):
-        w1, w2 = steps[0][key], steps[1][key]
-        expected = 0.25 * w0[key] + 0.25 * w1 + 0.5 * w2  # ema = 0.5 ema + 0.5 w after each step
-        torch.testing.assert_close(ema[key], expected, atol=1e-6, rtol=1e-5)
-        assert not torch.allclose(ema[key], w2)
-    assert "ema_valid_t2i_r1" in result.final_metrics and "valid_t2i_r1" in result.final_metrics
-
-
-def test_frozen_tensors_stay_bit_identical(dataset, tmp_path, ray_local):
-    start = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
-    checkpoint = clip_models.save_checkpoint(start, tmp_path / "start.pt")
-    result = run_finetune(tiny(dataset, tmp_path / "frozen", resume=str(checkpoint), freeze_text=True,
-                               unfrozen_vision_layers=1, max_steps=2, val_data=None))
     before, after = start.state_dict(), final_state(result)
     last = f"visual.transformer.resblocks.{len(start.visual.transformer.resblocks) - 1}."
     trained = {k for k in before if k.startswith((last, "visual.ln_post", "visual.proj")) or k == "logit_scale"}
     for key, tensor in before.items():
-        if key in trained:
-            continue
-        assert torch.equal(tensor, after[key]), key  # the text tower and the vision tower but its last block
+        if key not in trained:  # the text tower, and the vision tower but its last block and head
+            assert torch.equal(tensor, after[key]), key
     assert not torch.equal(before[last + "mlp.c_fc.weight"], after[last + "mlp.c_fc.weight"])
-    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+
+    steps = [clip_models.read_checkpoint(config.checkpoint_dir / f"epoch_1_{s}.pt")[0] for s in (1, 2)]
+    ema = clip_models.read_checkpoint(config.checkpoint_dir / "epoch_latest.ema.pt")[0]
+    for key in ("visual.proj", last + "mlp.c_fc.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        w0, w1, w2 = before[key], steps[0][key], steps[1][key]
+        torch.testing.assert_close(ema[key], 0.25 * w0 + 0.25 * w1 + 0.5 * w2,  # 0.5 ema + 0.5 w after each step
+                                   atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(ema["visual.proj"], steps[1]["visual.proj"])
+    assert "ema_valid_t2i_r1" in result.final_metrics and "valid_t2i_r1" in result.final_metrics
 
 
 def test_worker_cpus_auto_share_the_machine_with_decoding(dataset):

@@ -33,6 +33,15 @@ def largest_node_cpus() -> int:
     return max(1, int(max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)))
 
 
+def task_cpus(threads: int) -> int:
+    """CPUs to reserve for a task that runs `threads` threads: as many as are free now, at
+    least one. Reserving all of them would wait forever while another job (Serve replicas)
+    holds some; the task's threads then share the node with it."""
+    import ray
+
+    return max(1, min(threads, int(ray.available_resources().get("CPU", 1))))
+
+
 def get(refs):
     """ray.get, re-raising a task's user error (bad file, bad flag) as itself, so
     the job prints one readable line instead of a remote traceback."""

@@ -4,7 +4,7 @@
               random sample of its rows                       -> _build/scan/
     metadata  one task merges the runs into the id -> (file, row, path, vector position)
               table; a duplicate id stops the build here, named with both places
-                                                              -> metadata.parquet, ids.npy, positions.npy
+                                                              -> metadata.arrow, ids.npy, positions.npy
     choose    the index, from the corpus size and --max-index-memory (batch/faiss_index.py)
     train     one task draws the tuning queries (corpus rows, held out of training; each is
               left out of its own results when recall is measured) and the training rows from the
@@ -37,7 +37,7 @@ import numpy as np
 import ray
 
 from ..batch.faiss_index import FaissSpec, choose_served_index, mergeable_on_disk
-from ..batch.runtime import ensure_ray, get, largest_node_cpus
+from ..batch.runtime import ensure_ray, get, largest_node_cpus, task_cpus
 from ..batch.topk import merge_topk
 from . import tasks
 from .config import IndexConfig
@@ -120,7 +120,7 @@ def build_index(config: IndexConfig) -> IndexReport:
     threads = largest_node_cpus()
     if not work.trained.is_file() or not work.queries.is_file():
         samples = [work.path("scan", i, ".sample.npz") for i in live]
-        trained_on = get(tasks.train.options(num_cpus=threads).remote(
+        trained_on = get(tasks.train.options(num_cpus=task_cpus(threads)).remote(
             spec.factory, dim, samples, num_queries, spec.train_rows, work.trained, work.queries, threads))
         log.info("trained on %d sampled rows", trained_on)
 
@@ -220,7 +220,7 @@ def _write_index(work: BuildDir, inputs: Inputs, spec: FaissSpec, on_disk: bool,
     contiguous groups, or the whole index filled in one task."""
     if not on_disk:
         name = "index.faiss"
-        count = get(tasks.build_whole.options(num_cpus=threads).remote(
+        count = get(tasks.build_whole.options(num_cpus=task_cpus(threads)).remote(
             [inputs.shards[i] for i in live], work.trained, work.root / name, threads))
         return [{"index": name, "count": count, "bytes": tasks.file_bytes([work.root / name])}]
     groups = np.array_split(np.asarray(live), num_shards)

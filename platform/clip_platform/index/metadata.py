@@ -1,6 +1,6 @@
 """The id table of an index: which file and row each id came from (and its `path` where
 the embed shards keep one), and where its vector is stored, sorted by id and read
-without loading it whole.
+memory-mapped: a lookup touches the pages of the rows it asks for, not the table.
 
 Built without holding it: every scan task writes its shard's rows as a run sorted by id
 (`write_id_run`), and `merge_id_runs` merges the runs a batch of each at a time, which
@@ -8,10 +8,11 @@ is also where a duplicate id shows up (equal neighbours), named with both places
 added batch of features merges its runs with the current table; removed ids are left
 out of the next table.
 
-    metadata.parquet   id int64, file (dictionary string), row int64, position int64[, path string],
-                       in id order, in row groups of GROUP_ROWS rows
+    metadata.arrow     id int64, file (dictionary string), row int64, position int64[, path string],
+                       in id order: an Arrow IPC file, uncompressed, in batches of GROUP_ROWS rows
+                       (pyarrow, pandas and polars read it; a process maps it instead of reading it)
     ids.npy            the same ids, int64: an id's rank (np.searchsorted, memory-mapped) is its row
-                       in the table, so a lookup reads only the row groups of the ids asked for
+                       in the table
     positions.npy      each id's row in the vector store (vectors.VectorStore)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..io import atomic_path
 
-GROUP_ROWS = 65536  # rows per row group: the unit a lookup reads
+GROUP_ROWS = 65536  # rows per record batch of the table
 MERGE_BATCH_ROWS = 65536  # rows read from each run at a time while merging
 
 
@@ -36,7 +37,7 @@ def table_files(generation: int) -> dict[str, str]:
     """The id table's files of one generation (the build's is 0; each --add / --remove-ids
     writes the next beside it, and the manifest switches to it in one write)."""
     suffix = f"-{generation:05d}" if generation else ""
-    return {"table": f"metadata{suffix}.parquet", "ids": f"ids{suffix}.npy", "positions": f"positions{suffix}.npy"}
+    return {"table": f"metadata{suffix}.arrow", "ids": f"ids{suffix}.npy", "positions": f"positions{suffix}.npy"}
 
 
 def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_row: int,
@@ -52,10 +53,36 @@ def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_ro
         pq.write_table(pa.table(columns), tmp)
 
 
+def _read_batches(run: Path) -> Iterator[pa.RecordBatch]:
+    """A scan run (Parquet) or a previous id table (Arrow IPC), a batch at a time."""
+    if run.suffix == ".parquet":
+        yield from pq.ParquetFile(run).iter_batches(batch_size=MERGE_BATCH_ROWS)
+        return
+    with pa.memory_map(str(run)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+
+def _num_rows(run: Path) -> int:
+    if run.suffix == ".parquet":
+        return pq.ParquetFile(run).metadata.num_rows
+    with pa.memory_map(str(run)) as source:
+        reader = pa.ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def _schema(run: Path) -> pa.Schema:
+    if run.suffix == ".parquet":
+        return pq.read_schema(run)
+    with pa.memory_map(str(run)) as source:
+        return pa.ipc.open_file(source).schema
+
+
 def _batches(run: Path, with_path: bool, offset: int | None, drop: np.ndarray) -> Iterator[pa.Table]:
     """A run's rows as (id, source, row, position[, path]) batches: a scan run's positions are
     its rows + `offset`; a previous id table (offset None) has them, and its file numbers."""
-    for batch in pq.ParquetFile(run).iter_batches(batch_size=MERGE_BATCH_ROWS):
+    for batch in _read_batches(run):
         table = pa.Table.from_batches([batch])
         if offset is None:
             table = table.set_column(table.schema.get_field_index("file"), "source",
@@ -76,8 +103,9 @@ def merge_id_runs(runs: Sequence[Path], offsets: Sequence[int | None], sources: 
     the run is a previous id table; every id in `drop` must be in it). A duplicate id is a
     ValueError naming both of its places."""
     drop = np.zeros(0, np.int64) if drop is None else np.unique(np.asarray(drop, np.int64))
-    with_path = any("path" in pq.read_schema(run).names for run in runs)
-    total = sum(pq.ParquetFile(run).metadata.num_rows for run in runs) - len(drop)
+    runs = [Path(run) for run in runs]
+    with_path = any("path" in _schema(run).names for run in runs)
+    total = sum(_num_rows(run) for run in runs) - len(drop)
     readers = [_batches(run, with_path, offset, drop) for run, offset in zip(runs, offsets)]
     pending: list[pa.Table | None] = [None] * len(runs)
     files = pa.array(list(sources), pa.string())
@@ -125,8 +153,8 @@ def _check_unique(table: pa.Table, last_id: int | None, sources: Sequence[str]) 
 
 
 class _TableWriter:
-    """Rows in id order -> the Parquet table in row groups of GROUP_ROWS, and the id and
-    position arrays beside it, written through memory maps (`rows` of them, known ahead)."""
+    """Rows in id order -> the Arrow table in batches of GROUP_ROWS, and the id and position
+    arrays beside it, written through memory maps (`rows` of them, known ahead)."""
 
     def __init__(self, directory: Path, names: dict[str, str], with_path: bool, rows: int):
         self.directory, self.names, self.with_path, self.rows = directory, names, with_path, rows
@@ -141,7 +169,8 @@ class _TableWriter:
                        for name in ("ids", "positions")}
         fields = [("id", pa.int64()), ("file", pa.dictionary(pa.int32(), pa.string())), ("row", pa.int64()),
                   ("position", pa.int64())] + ([("path", pa.string())] if self.with_path else [])
-        self.writer = pq.ParquetWriter(tmp["table"], pa.schema(fields))
+        self._sink = pa.OSFile(tmp["table"], "wb")
+        self.writer = pa.ipc.new_file(self._sink, pa.schema(fields))
         return self
 
     def write(self, table: pa.Table, files: pa.Array) -> None:
@@ -158,7 +187,7 @@ class _TableWriter:
     def _flush(self, rows: int) -> None:
         merged = pa.concat_tables(self.buffer)
         group, rest = merged.slice(0, rows), merged.slice(rows)
-        self.writer.write_table(group, row_group_size=rows)
+        self.writer.write_table(group.combine_chunks())  # one record batch per group
         end = self.num_rows + len(group)
         self.arrays["ids"][self.num_rows:end] = group.column("id").to_numpy()
         self.arrays["positions"][self.num_rows:end] = group.column("position").to_numpy()
@@ -171,6 +200,7 @@ class _TableWriter:
             if error is None and self.buffered:
                 self._flush(self.buffered)
             self.writer.close()
+            self._sink.close()
             for values in self.arrays.values():
                 values.flush()
             self.arrays.clear()
@@ -188,13 +218,13 @@ class _TableWriter:
 
 
 class Metadata:
-    """An index's id table: ranks by binary search over the memory-mapped ids, rows read
-    a row group at a time."""
+    """An index's id table, memory-mapped: ranks by binary search over the ids, rows taken
+    from the mapped Arrow table (safe to share between threads: nothing is read into state)."""
 
     def __init__(self, directory: str | os.PathLike, files: dict[str, str] | None = None):
         directory, files = Path(directory), files or table_files(0)
-        self.file = pq.ParquetFile(directory / files["table"])
-        self.group_rows = self.file.metadata.row_group(0).num_rows if self.file.metadata.num_row_groups else 1
+        self._map = pa.memory_map(str(directory / files["table"]))
+        self.table = pa.ipc.open_file(self._map).read_all()  # zero-copy: views of the mapped file
         self.ids = np.load(directory / files["ids"], mmap_mode="r")
         self.positions = np.load(directory / files["positions"], mmap_mode="r")
 
@@ -213,11 +243,5 @@ class Metadata:
         """{id: {"file", "row"[, "path"]}} for the ids present (ids not in the index are left out)."""
         ranks = np.unique(self.ranks(ids))
         ranks = ranks[ranks >= 0]
-        found: dict[int, dict] = {}
-        groups = ranks // self.group_rows
-        for group in np.unique(groups).tolist():
-            table = self.file.read_row_group(group)
-            rows = ranks[groups == group] - group * self.group_rows
-            for row in table.take(pa.array(rows)).drop_columns(["position"]).to_pylist():
-                found[row.pop("id")] = row
-        return found
+        rows = self.table.take(pa.array(ranks, pa.int64())).drop_columns(["position"])
+        return {row.pop("id"): row for row in rows.to_pylist()}

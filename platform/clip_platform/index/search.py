@@ -84,6 +84,11 @@ class ServedIndex:
         scores = np.einsum("nkd,nd->nk", vectors.reshape(*ids.shape, self.dim), queries)
         return np.where(found.reshape(ids.shape), scores, -np.inf).astype(np.float32)
 
+    @property
+    def has_vectors(self) -> bool:
+        """Whether the index keeps its vectors (vectors(), re-ranking): built without --no-store-vectors."""
+        return self.store is not None
+
     def lookup(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
         """{id: {"file", "row"[, "path"]}}: where each id present came from."""
         return self.metadata.lookup(ids)

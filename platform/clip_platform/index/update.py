@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch.runtime import ensure_ray, get, largest_node_cpus
+from ..batch.runtime import ensure_ray, get, largest_node_cpus, task_cpus
 from ..data.records import parse_id
 from ..io import atomic_path, write_json
 from . import tasks
@@ -118,7 +118,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
         old = manifest["shards"][0]
         name = f"index-{generation:05d}.faiss"
         threads = largest_node_cpus()
-        count = get(tasks.build_whole.options(num_cpus=threads).remote(
+        count = get(tasks.build_whole.options(num_cpus=task_cpus(threads)).remote(
             [inputs.shards[i] for i in live], root / old["index"], root / name, threads))
         shards = [{"index": name, "count": count, "bytes": tasks.file_bytes([root / name])}]
     rows_of = [sum(scans[i]["rows"] for i in range(len(inputs.shards)) if inputs.shard_sources[i] == n)
