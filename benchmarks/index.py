@@ -157,12 +157,16 @@ class MemoryWatch:
             out["cgroup_limit_hits"] = int((self.cgroup / "memory.failcnt").read_text())
             oom = dict(line.split() for line in (self.cgroup / "memory.oom_control").read_text().splitlines())
             out["oom_kills"] = int(oom.get("oom_kill", 0))
-            try:  # back home, and the group goes (Ray's processes have stopped)
+            try:  # back home, and the group goes once Ray's processes have left it
                 (self.home / "cgroup.procs").write_text(str(os.getpid()))
-                time.sleep(1)
-                self.cgroup.rmdir()
             except OSError:
                 pass
+            for _ in range(30):
+                try:
+                    self.cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(1)
         return out
 
 
