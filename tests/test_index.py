@@ -76,7 +76,7 @@ def test_metadata_runs_merge_sorted_and_are_looked_up_memory_mapped(tmp_path, mo
     found = ids_table.lookup([ids[0], ids[25], -5])
     assert found == {ids[0]: {"file": "a", "row": 100, "path": None},
                      ids[25]: {"file": "b", "row": 100 + 25 - 20, "path": f"key{ids[25]}"}}
-    assert ids_table.positions[ids_table.ranks([ids[25]])].tolist() == [1000 + 100 + 5]  # the run's offset + row
+    assert ids_table.positions(ids_table.ranks([ids[25]])).tolist() == [1000 + 100 + 5]  # the run's offset + row
 
     # the next generation: the table as a run again, without two ids, with a new run (positions go on)
     metadata.write_id_run(tmp_path / "3.parquet", np.array([5000, 5001]), 3, 0, None)
@@ -86,7 +86,7 @@ def test_metadata_runs_merge_sorted_and_are_looked_up_memory_mapped(tmp_path, mo
     second = metadata.Metadata(tmp_path, metadata.table_files(1))
     assert (second.ranks(dropped) == -1).all() and second.lookup([5001]) == {5001: {"file": "d", "row": 1,
                                                                                   "path": None}}
-    assert second.positions[second.ranks([ids[25], 5001])].tolist() == [1105, 3001]
+    assert second.positions(second.ranks([ids[25], 5001])).tolist() == [1105, 3001]
     with pytest.raises(ValueError, match=r"id \d+ appears twice in the features: a row \d+ and a row"):
         metadata.merge_id_runs([tmp_path / files["table"], runs[0]], [None, 0], ["a", "b", "c"], tmp_path, 2)
 

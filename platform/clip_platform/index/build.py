@@ -4,7 +4,7 @@
               random sample of its rows                       -> _build/scan/
     metadata  one task merges the runs into the id -> (file, row, path, vector position)
               table; a duplicate id stops the build here, named with both places
-                                                              -> metadata.arrow, ids.npy, positions.npy
+                                                              -> metadata.arrow, ids.npy
     choose    the index, from the corpus size and --max-index-memory (batch/faiss_index.py)
     train     one task draws the tuning queries (corpus rows, held out of training; each is
               left out of its own results when recall is measured) and the training rows from the
@@ -84,12 +84,12 @@ def build_index(config: IndexConfig) -> IndexReport:
     done = work.start(plan)
     if done is not None:
         log.info("%s holds this index already", config.output)
-        return _report(config, done, 0.0, 0, set())
+        return report_of(config, done, 0.0, 0, set())
     ensure_ray()
     nodes: set[str] = set()
     reused = 0
 
-    scans, found = _run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
+    scans, found = run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
         inputs.shards[i], inputs.shard_sources[i], work.path("scan", i, ".ids.parquet"),
         work.path("scan", i, ".sample.npz"), inputs.known_rows, config.train_bytes, config.tune_queries, config.seed,
         i), record_scan)
@@ -124,7 +124,7 @@ def build_index(config: IndexConfig) -> IndexReport:
             spec.factory, dim, samples, num_queries, spec.train_rows, work.trained, work.queries, threads))
         log.info("trained on %d sampled rows", trained_on)
 
-    parts, found = _run_shards(work, "parts", len(inputs.shards), lambda i: tasks.encode_shard.remote(
+    parts, found = run_shards(work, "parts", len(inputs.shards), lambda i: tasks.encode_shard.remote(
         inputs.shards[i], work.queries, work.path("parts", i, ".exact.npz"), TUNE_K, work.trained,
         work.path("parts", i, ".index") if on_disk and scans[i]["rows"] else None, vectors, firsts[i]),
         record_partial)
@@ -150,7 +150,7 @@ def build_index(config: IndexConfig) -> IndexReport:
     log.info("%s: recall@%d %.4f (95%% lower bound %.4f) with %s (target %.2f)", spec.factory, TUNE_K,
              tuned["recall"], tuned["lower_bound"], tuned["params"], config.recall_target)
     work.finish(manifest)
-    return _report(config, manifest, time.perf_counter() - start, reused, nodes)
+    return report_of(config, manifest, time.perf_counter() - start, reused, nodes)
 
 
 # ---------------------------------------------------------------- shard steps
@@ -164,7 +164,7 @@ def record_partial(work: BuildDir, shard: int, result: dict) -> None:
     work.write_record("parts", shard, result)
 
 
-def _run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int], Any],
+def run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int], Any],
                 record: Callable[[BuildDir, int, dict], None]) -> tuple[dict[int, dict], int]:
     """Run `step` on every shard without a record yet, recording each as it finishes;
     returns (every shard's record, how many were found finished)."""
@@ -235,7 +235,7 @@ def _write_index(work: BuildDir, inputs: Inputs, spec: FaissSpec, on_disk: bool,
     return shards
 
 
-def _report(config: IndexConfig, manifest: dict, seconds: float, reused: int, nodes: set[str]) -> IndexReport:
+def report_of(config: IndexConfig, manifest: dict, seconds: float, reused: int, nodes: set[str]) -> IndexReport:
     return IndexReport(config.output, manifest["count"], manifest["dim"], manifest["factory"],
                        len(manifest["shards"]), manifest["search_parameters"], manifest["recall"]["reached"],
                        manifest["recall"]["target"], manifest["recall"]["queries"],

@@ -1,6 +1,7 @@
 """The options of an index build (`jobs/build_index.py`), declared once."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ class IndexConfig:
         if self.remove_ids:
             if paths or self.add:
                 raise ValueError("--remove-ids takes no --features or --add: it removes ids from --output's index")
+            if os.path.isdir(self.remove_ids):
+                raise ValueError(f"--remove-ids {self.remove_ids} is a directory; give a file of ids, one a line")
             config_io.check_not_empty(self.remove_ids, "--remove-ids")
             return
         if not paths or not all(paths):

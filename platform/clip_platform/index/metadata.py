@@ -11,9 +11,8 @@ out of the next table.
     metadata.arrow     id int64, file (dictionary string), row int64, position int64[, path string],
                        in id order: an Arrow IPC file, uncompressed, in batches of GROUP_ROWS rows
                        (pyarrow, pandas and polars read it; a process maps it instead of reading it)
-    ids.npy            the same ids, int64: an id's rank (np.searchsorted, memory-mapped) is its row
-                       in the table
-    positions.npy      each id's row in the vector store (vectors.VectorStore)
+    ids.npy            the same ids in one contiguous int64 array, for np.searchsorted over the mapped
+                       file (the table's id column is in batches): an id's rank is its row in the table
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ def table_files(generation: int) -> dict[str, str]:
     """The id table's files of one generation (the build's is 0; each --add / --remove-ids
     writes the next beside it, and the manifest switches to it in one write)."""
     suffix = f"-{generation:05d}" if generation else ""
-    return {"table": f"metadata{suffix}.arrow", "ids": f"ids{suffix}.npy", "positions": f"positions{suffix}.npy"}
+    return {"table": f"metadata{suffix}.arrow", "ids": f"ids{suffix}.npy"}
 
 
 def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_row: int,
@@ -153,8 +152,8 @@ def _check_unique(table: pa.Table, last_id: int | None, sources: Sequence[str]) 
 
 
 class _TableWriter:
-    """Rows in id order -> the Arrow table in batches of GROUP_ROWS, and the id and position
-    arrays beside it, written through memory maps (`rows` of them, known ahead)."""
+    """Rows in id order -> the Arrow table in batches of GROUP_ROWS, and the id array beside
+    it, written through a memory map (`rows` of them, known ahead)."""
 
     def __init__(self, directory: Path, names: dict[str, str], with_path: bool, rows: int):
         self.directory, self.names, self.with_path, self.rows = directory, names, with_path, rows
@@ -164,9 +163,9 @@ class _TableWriter:
     def __enter__(self):
         self._files = ExitStack()
         tmp = {name: self._files.enter_context(atomic_path(self.directory / self.names[name]))
-               for name in ("table", "ids", "positions")}
+               for name in ("table", "ids")}
         self.arrays = {name: np.lib.format.open_memmap(tmp[name], "w+", np.int64, (self.rows,))
-                       for name in ("ids", "positions")}
+                       for name in ("ids",)}
         fields = [("id", pa.int64()), ("file", pa.dictionary(pa.int32(), pa.string())), ("row", pa.int64()),
                   ("position", pa.int64())] + ([("path", pa.string())] if self.with_path else [])
         self._sink = pa.OSFile(tmp["table"], "wb")
@@ -190,7 +189,6 @@ class _TableWriter:
         self.writer.write_table(group.combine_chunks())  # one record batch per group
         end = self.num_rows + len(group)
         self.arrays["ids"][self.num_rows:end] = group.column("id").to_numpy()
-        self.arrays["positions"][self.num_rows:end] = group.column("position").to_numpy()
         self.num_rows = end
         self.buffer, self.buffered = [rest], len(rest)
 
@@ -226,7 +224,6 @@ class Metadata:
         self._map = pa.memory_map(str(directory / files["table"]))
         self.table = pa.ipc.open_file(self._map).read_all()  # zero-copy: views of the mapped file
         self.ids = np.load(directory / files["ids"], mmap_mode="r")
-        self.positions = np.load(directory / files["positions"], mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -238,6 +235,10 @@ class Metadata:
         inside = ranks < len(self.ids)
         inside[inside] = self.ids[ranks[inside]] == ids[inside]
         return np.where(inside, ranks, -1)
+
+    def positions(self, ranks: np.ndarray) -> np.ndarray:
+        """The vector-store row of the ids at these ranks (each >= 0)."""
+        return self.table.column("position").take(pa.array(ranks, pa.int64())).to_numpy()
 
     def lookup(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
         """{id: {"file", "row"[, "path"]}} for the ids present (ids not in the index are left out)."""

@@ -102,7 +102,7 @@ class ServedIndex:
         found = ranks >= 0
         vectors = np.zeros((len(ranks), self.dim), np.float32)
         if found.any():
-            vectors[found] = self.store.get(self.metadata.positions[ranks[found]])
+            vectors[found] = self.store.get(self.metadata.positions(ranks[found]))
         return found, vectors
 
 

@@ -28,7 +28,7 @@ from ..batch.runtime import ensure_ray, get, largest_node_cpus, task_cpus
 from ..data.records import parse_id
 from ..io import atomic_path, write_json
 from . import tasks
-from .build import IndexReport, _report, _run_shards, record_partial, record_scan, shard_positions
+from .build import IndexReport, report_of, run_shards, record_partial, record_scan, shard_positions
 from .config import IndexConfig
 from .metadata import Metadata, merge_id_runs, table_files
 from .search import read_manifest
@@ -70,7 +70,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
     write_json(work.work / "plan.json", plan)
     ensure_ray()
     base = len(manifest["sources"])
-    scans, reused = _run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
+    scans, reused = run_shards(work, "scan", len(inputs.shards), lambda i: tasks.scan_shard.remote(
         inputs.shards[i], base + inputs.shard_sources[i], work.path("scan", i, ".ids.parquet"), None, None, 0, 0,
         0, i), record_scan)
     dims = {s["dim"] for s in scans.values() if s["rows"]}
@@ -102,7 +102,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
 
     on_disk = manifest["layout"] == "ondisk"
     trained = root / manifest["trained"]
-    parts, found = _run_shards(work, "parts", len(inputs.shards), lambda i: tasks.encode_shard.remote(
+    parts, found = run_shards(work, "parts", len(inputs.shards), lambda i: tasks.encode_shard.remote(
         inputs.shards[i], None, None, 0, trained, work.path("parts", i, ".index") if on_disk and scans[i]["rows"]
         else None, vectors, firsts[i] - first), record_partial)  # rows of the new segment
     reused += found
@@ -134,7 +134,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
     work.clear()
     log.info("added %d vectors from %d file(s) to %s: %d in all", num_rows, len(inputs.sources), root,
              updated["count"])
-    report = _report(config, updated, time.perf_counter() - start, reused, {s["node"] for s in parts.values()})
+    report = report_of(config, updated, time.perf_counter() - start, reused, {s["node"] for s in parts.values()})
     return dataclasses.replace(report, added=num_rows)
 
 
@@ -175,7 +175,7 @@ def remove_ids(config: IndexConfig) -> IndexReport:
                    "history": manifest.get("history", []) + [{"remove": config.remove_ids, "rows": len(present)}]}
         _switch(root, manifest, updated)
         manifest = updated
-    report = _report(config, manifest, time.perf_counter() - start, 0, set())
+    report = report_of(config, manifest, time.perf_counter() - start, 0, set())
     return dataclasses.replace(report, removed=len(present), not_found=len(np.unique(ids)) - len(present),
                                bad_lines=len(bad))
 

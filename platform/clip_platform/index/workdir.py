@@ -2,7 +2,7 @@
 
     manifest.json                 written last: the index is finished when it is there
     populated.index, merged.ivfdata   (or populated-00000.index, merged-00000.ivfdata, ... per shard)
-    metadata.arrow, ids.npy, positions.npy   the id table (metadata.py)
+    metadata.arrow, ids.npy          the id table (metadata.py)
     vectors-00000.npy             the vectors in float16 (vectors.py)
     trained.index                 the trained, empty index: --add encodes with it
     _build/plan.json              the inputs and settings this work belongs to
