@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from ..io import atomic_path
 
 GROUP_ROWS = 65536  # rows per record batch of the table
-MERGE_BATCH_ROWS = 65536  # rows read from each run at a time while merging
+MERGE_BATCH_ROWS = 65536  # rows read from each run at a time while merging, at most
+MERGE_ROWS = 1 << 22  # rows held over all runs while merging (~200 MB): many runs read fewer rows each
 
 
 def table_files(generation: int) -> dict[str, str]:
@@ -52,10 +53,11 @@ def write_id_run(path: str | os.PathLike, ids: np.ndarray, source: int, first_ro
         pq.write_table(pa.table(columns), tmp)
 
 
-def _read_batches(run: Path) -> Iterator[pa.RecordBatch]:
-    """A scan run (Parquet) or a previous id table (Arrow IPC), a batch at a time."""
+def _read_batches(run: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A scan run (Parquet, `batch_rows` at a time) or a previous id table (Arrow IPC, mapped:
+    a batch at a time)."""
     if run.suffix == ".parquet":
-        yield from pq.ParquetFile(run).iter_batches(batch_size=MERGE_BATCH_ROWS)
+        yield from pq.ParquetFile(run).iter_batches(batch_size=batch_rows)
         return
     with pa.memory_map(str(run)) as source:
         reader = pa.ipc.open_file(source)
@@ -78,10 +80,11 @@ def _schema(run: Path) -> pa.Schema:
         return pa.ipc.open_file(source).schema
 
 
-def _batches(run: Path, with_path: bool, offset: int | None, drop: np.ndarray) -> Iterator[pa.Table]:
+def _batches(run: Path, with_path: bool, offset: int | None, drop: np.ndarray,
+             batch_rows: int) -> Iterator[pa.Table]:
     """A run's rows as (id, source, row, position[, path]) batches: a scan run's positions are
     its rows + `offset`; a previous id table (offset None) has them, and its file numbers."""
-    for batch in _read_batches(run):
+    for batch in _read_batches(run, batch_rows):
         table = pa.Table.from_batches([batch])
         if offset is None:
             table = table.set_column(table.schema.get_field_index("file"), "source",
@@ -105,7 +108,8 @@ def merge_id_runs(runs: Sequence[Path], offsets: Sequence[int | None], sources: 
     runs = [Path(run) for run in runs]
     with_path = any("path" in _schema(run).names for run in runs)
     total = sum(_num_rows(run) for run in runs) - len(drop)
-    readers = [_batches(run, with_path, offset, drop) for run, offset in zip(runs, offsets)]
+    batch_rows = max(1, min(MERGE_BATCH_ROWS, MERGE_ROWS // max(1, len(runs))))  # bounded whatever the run count
+    readers = [_batches(run, with_path, offset, drop, batch_rows) for run, offset in zip(runs, offsets)]
     pending: list[pa.Table | None] = [None] * len(runs)
     files = pa.array(list(sources), pa.string())
     writer = _TableWriter(Path(directory), table_files(generation), with_path, total)
