@@ -65,8 +65,8 @@ def texts(tmp_path) -> Path:
 
 def test_embed_context_length_beyond_the_text_positions(tiny, texts, capsys, tmp_path):
     line = fails_in_one_line("embed", ["--extract-text-feats", "--text-data", texts, "--resume", tiny,
-                                       "--context-length", "65"], capsys, tmp_path)
-    assert line.endswith(f"--context-length 65 exceeds the 64 text positions of {tiny}")
+                                       "--context-length", "513"], capsys, tmp_path)
+    assert line.endswith(f"--context-length 513 exceeds the 512 text positions of {tiny}")
 
 
 def test_zeroshot_context_length_of_a_released_model_needs_no_download(capsys, tmp_path):

@@ -268,3 +268,95 @@ def test_cli_missing_split_is_one_line(tmp_path):
     out = cli("--train-data", str(tmp_path / "lmdb" / "train"), "--vision-model", "ViT-Tiny",
               "--text-model", "BERT-Tiny-chinese")
     assert out.returncode == 2 and "is not a cn_clip LMDB split" in out.stderr and "Traceback" not in out.stderr
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per tag from the TFRecord event files under `folder` (tensorboardX's protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_lora_trackers_zero_shot_and_long_texts_in_one_run(dataset, tmp_path, ray_local, monkeypatch):
+    """LoRA on a 128-token run with TensorBoard, MLflow and zero-shot evaluation: the merged
+    checkpoint equals peft's own merge of the saved adapter and loads in clip_models; the base
+    stays bit-identical; the trackers hold metrics.jsonl's metrics; embed reads the run's
+    checkpoint at 128 tokens too."""
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+
+    from clip_platform.data import SyntheticConfig, make_synthetic
+    from helpers import load_job
+
+    make_synthetic(SyntheticConfig(str(tmp_path / "zs"), num_train=1, num_valid=1, num_test=0, resolution=32,
+                                   lmdb=False, zeroshot_per_class=1))
+    torch.manual_seed(0)
+    start = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
+    checkpoint = clip_models.save_checkpoint(start, tmp_path / "start.pt")
+    config = tiny(dataset, tmp_path / "lora", resume=str(checkpoint), lora_rank=4, lora_alpha=8.0, lr=1e-2,
+                  context_length=128, max_steps=3, report_to="tensorboard,mlflow",
+                  zeroshot_data=str(tmp_path / "zs" / "zeroshot"), val_data=None)
+    result = run_finetune(config)
+
+    merged = final_state(result)
+    adapter = config.checkpoint_dir / "epoch_latest.lora"
+    base = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese")
+    base.load_state_dict(start.state_dict())
+    expected = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    changed = [k for k in merged if not torch.equal(merged[k], start.state_dict()[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)  # only adapted layers' weights moved
+    for key in merged:
+        torch.testing.assert_close(merged[key], expected[key], atol=1e-6, rtol=1e-6)
+    loaded, _ = clip_models.load(str(result.checkpoint))
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value.float(), merged[key].float(), atol=0, rtol=0)
+
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    zero_shot = [r for r in records if "zeroshot_top1" in r]
+    assert len(zero_shot) == 1 and zero_shot[0]["step"] == 3 and 0 <= zero_shot[0]["zeroshot_top1"] <= 100
+    assert result.final_metrics["zeroshot_top5"] == zero_shot[0]["zeroshot_top5"]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    events = tensorboard_scalars(result.run_dir / "tensorboard")
+    assert events["loss"] == [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses]
+    assert events["zeroshot_top1"] == [(3, pytest.approx(zero_shot[0]["zeroshot_top1"], rel=1e-6))]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when told to
+    client = MlflowClient((result.run_dir / "mlruns").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == \
+        [(step, pytest.approx(loss, rel=1e-6)) for step, loss in losses]
+    assert run.data.params["lora_rank"] == "4" and "zeroshot_top1" in run.data.metrics
+
+    texts = tmp_path / "long.jsonl"  # a text past 52 tokens: embedded whole at --context-length 128
+    texts.write_text(json.dumps({"text_id": 1, "text": "红色的圆形" * 20}, ensure_ascii=False) + "\n")
+    load_job("embed").main(["--extract-text-feats", "--text-data", str(texts), "--resume", str(result.checkpoint),
+                            "--context-length", "128", "--output-dir", str(tmp_path / "emb")])
+    from clip_platform.batch.features import read_features
+
+    got = read_features(tmp_path / "emb" / "texts").vectors[0]
+    with torch.no_grad():
+        feature = loaded.encode_text(clip_models.tokenize([clip_models.preprocess_text("红色的圆形" * 20)], 128))[0]
+    torch.testing.assert_close(torch.tensor(got), torch.nn.functional.normalize(feature, dim=-1), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(lora_rank=4, freeze_text=True), "--freeze-text does not combine with it"),
+    (dict(lora_rank=4, lora_targets="query,in_proj"), "--lora-targets in_proj: no linear layer of the model is named"),
+    (dict(report_to="tensorboard,wandb"), "--report-to wandb: the trackers are tensorboard, mlflow"),
+    (dict(zeroshot_frequency=0), "--zeroshot-frequency must be at least 1"),
+])
+def test_lora_tracker_and_zero_shot_flags_refuse_mistakes(dataset, flags, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(train_data=str(dataset / "train"), vision_model="ViT-Tiny", text_model="BERT-Tiny-chinese",
+                    **flags)

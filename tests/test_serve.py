@@ -122,7 +122,8 @@ def service(tmp_path_factory, _ray_session):
     SERVICE_CHECKPOINTS.update(tiny=str(checkpoint), other=str(other_checkpoint))
     config = ServeConfig(checkpoints=dict(SERVICE_CHECKPOINTS), index=index, index_images=str(root / "test_imgs.tsv"),
                          max_items=8, max_image_bytes=200_000, max_image_pixels=1_000_000, max_replicas=1,
-                         num_cpus=0.25, search_cpus=0.1, request_body_timeout_s=BODY_TIMEOUT_S)
+                         num_cpus=0.25, search_cpus=0.1, request_body_timeout_s=BODY_TIMEOUT_S,
+                         context_length=128)  # long texts (cn_clip's #409): the tiny text tower has 512 positions
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="clip", route_prefix="/")
     MODELS.update(tiny=model, other=other)
@@ -147,13 +148,16 @@ def test_health_models_docs_and_page(service):
 
 def test_embed_text_equals_the_model_and_reports_truncation(service):
     _, model = service
-    reply = post(service, "/embed/text", json={"texts": ["一只猫", "猫" * 80]})
+    texts = ["一只猫", "猫" * 100, "猫" * 200]  # served with --context-length 128: 102 tokens fit, 202 do not
+    reply = post(service, "/embed/text", json={"texts": texts})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     with torch.no_grad():
-        expected = torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(["一只猫"])), dim=-1)[0]
-    torch.testing.assert_close(torch.tensor(body["embeddings"][0]), expected, atol=1e-5, rtol=0)
-    assert body["truncated"] == [False, True]
+        expected = torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(texts, 128)), dim=-1)
+        cut_at_52 = torch.nn.functional.normalize(model.encode_text(clip_models.tokenize(texts[1:2])), dim=-1)[0]
+    torch.testing.assert_close(torch.tensor(body["embeddings"]), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(torch.tensor(body["embeddings"][1]), cut_at_52, atol=1e-3)  # the whole text counts
+    assert body["truncated"] == [False, False, True]
 
 
 def test_embed_image_json_and_multipart(service):

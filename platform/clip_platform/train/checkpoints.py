@@ -42,6 +42,9 @@ class RunLogger:
             log.addHandler(console)
         log.propagate = False
         self._params_file = config.run_dir / f"params_{stamp}.txt"
+        from .trackers import Trackers
+
+        self.trackers = Trackers(config)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -101,14 +104,27 @@ class RunLogger:
         if self.enabled:
             self._append("sample_ids.jsonl", {"step": step, "indices": indices})
 
+    def zeroshot_line(self, r: dict, position) -> None:
+        if not self.enabled:
+            return
+        log.info(f"Zero-shot (epoch {position.epoch + (1 if position.step_in_epoch else 0)} @ {position.global_step} "
+                 f"steps) | {Path(self.config.zeroshot_data).name} top-1: {r['zeroshot_top1']:.2f} | "
+                 f"top-5: {r['zeroshot_top5']:.2f}" + (f" | {r['zeroshot_skipped']} unreadable images skipped"
+                                                      if r["zeroshot_skipped"] else ""))
+        self._append("metrics.jsonl", {"step": position.global_step, **r})
+
     def finish(self, bad_records: list[str]) -> None:
         if self.enabled and bad_records:
             log.warning(f"{len(bad_records)} bad training records skipped (this worker's), e.g.: "
                         + "; ".join(bad_records[:5]))
+        if self.enabled:
+            self.trackers.close()
 
     def _append(self, name: str, record: dict) -> None:
         with open(self.config.run_dir / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if name == "metrics.jsonl":
+            self.trackers.log(record)
 
 
 def write_ray_checkpoint(directory: Path, model, model_state: dict, position) -> None:

@@ -13,6 +13,7 @@ from .. import config as config_io
 from ..batch.precision import PRECISIONS
 
 BACKENDS = ("deepspeed", "ddp")
+TRACKERS = ("tensorboard", "mlflow")
 DEFAULT_TOWERS = ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese")  # cn_clip's defaults
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     freeze_text: bool = False  # train the vision tower only (BERT and the text projection frozen)
     unfrozen_vision_layers: int | None = None  # freeze the vision tower but its last N blocks and its head
     unfrozen_text_layers: int | None = None  # freeze the text tower but its last N layers and its projection
+    lora_rank: int = 0  # LoRA adapters of this rank on --lora-targets, trained alone (0: off; peft)
+    lora_alpha: float = 16.0  # LoRA scaling alpha: the update is alpha / rank * B @ A
+    lora_targets: str = ""  # comma list of linear-layer names to adapt (default: every block's, both towers)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     use_flash_attention: bool = False  # cn_clip flag; SDPA picks flash kernels on GPU regardless
     use_bn_sync: bool = False  # SyncBatchNorm for RN50
@@ -94,6 +98,11 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts from the last checkpoint
     ema_decay: float = 0.0  # a moving average of the weights with this decay (0: off), validated and saved too
     max_bad_steps: int = 10  # steps in a row with a non-finite loss (each skipped on every worker) before the run stops
+    # tracking and zero-shot evaluation
+    report_to: str = ""  # comma list of trackers that get metrics.jsonl's metrics: tensorboard, mlflow
+    mlflow_tracking_uri: str | None = None  # MLflow server or store (default: {logs}/{name}/mlruns, a local file store)
+    zeroshot_data: str | None = None  # an ELEVATER dataset dir (label_cn.txt, test/<label id>/*): zero-shot top-1/5
+    zeroshot_frequency: int = 1  # zero-shot evaluation every N epochs (and at the end)
 
     def __post_init__(self):
         self._absolute_paths()
@@ -109,7 +118,7 @@ class TrainConfig:
         """Workers do not share the driver's working directory: local paths become absolute
         (names such as --resume ViT-B-16 and URLs such as s3://... stay as given)."""
         for name in ("train_data", "val_data", "logs", "storage_path", "resume", "clip_weight_path",
-                     "bert_weight_path", "teacher_model_name"):
+                     "bert_weight_path", "teacher_model_name", "zeroshot_data"):
             value = getattr(self, name)
             if not value or "://" in value:
                 continue
@@ -157,6 +166,18 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_decay and self.backend == "deepspeed" and self.zero_stage == 3:
             raise ValueError("--ema-decay needs whole weights on every worker: use --zero-stage 2 or lower")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank:
+            frozen = [flag for flag, on in (("--freeze-vision", self.freeze_vision), ("--freeze-text", self.freeze_text),
+                                            ("--unfrozen-vision-layers", self.unfrozen_vision_layers is not None),
+                                            ("--unfrozen-text-layers", self.unfrozen_text_layers is not None)) if on]
+            if frozen:
+                raise ValueError(f"--lora-rank trains adapters alone, every weight of the model stays frozen: "
+                                 f"{frozen[0]} does not combine with it (choose the layers with --lora-targets)")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"--report-to {unknown[0]}: the trackers are {', '.join(TRACKERS)}")
         if self.distillation and not self.teacher_model_name:
             raise ValueError("--distillation needs --teacher-model-name (any checkpoint clip_models.load accepts)")
 
@@ -170,7 +191,7 @@ class TrainConfig:
                 raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker}")
             object.__setattr__(self, "cpus_per_worker", str(self.cpus_per_worker))
         for name in ("batch_size", "valid_batch_size", "accum_freq", "workers", "num_workers",
-                     "valid_num_workers", "log_interval", "num_to_keep", "max_bad_steps"):
+                     "valid_num_workers", "log_interval", "num_to_keep", "max_bad_steps", "zeroshot_frequency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -194,6 +215,17 @@ class TrainConfig:
         if self.mask_ratio > 0 and model.vision.is_resnet:
             raise ValueError(f"--mask-ratio (FLIP) works on ViT towers only, not {self.vision_model}")
         config_io.check_context_length(self.context_length, model, self.text_model)
+        if self.lora_rank:
+            import torch
+
+            from .lora import add_lora
+
+            with torch.device("meta"):  # names only: no memory, no initialisation
+                add_lora(clip_models.CLIP(model), self.lora_rank, self.lora_alpha, self.lora_targets)
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.report_to.split(",") if name.strip())
 
     def model_config(self) -> clip_models.CLIPConfig:
         return clip_models.config_from_names(self.vision_model, self.text_model)

@@ -180,10 +180,14 @@ class Engine:
             self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
                                                       weights_only=True))
 
-    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_model_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the model's weights; strict=False lets LoRA adapters (and only them) keep their own."""
         state = {k: v.reshape(1) if k in self.scalar_params else v for k, v in state.items()}
         with self.gathered(list(self.module.parameters()), modify=True):
-            self.module.load_state_dict(state)
+            missing, unexpected = self.module.load_state_dict(state, strict=strict)
+        missing = [k for k in missing if ".lora_" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
 
     def optimizer_state_for_cn_clip(self) -> dict | None:
         """cn_clip's .pt holds a torch AdamW state; DeepSpeed's partitioned state has no such form."""

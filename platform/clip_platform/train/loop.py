@@ -18,13 +18,14 @@ import torch.distributed as dist
 
 import clip_models
 
-from . import checkpoints
+from . import checkpoints, lora
 from .config import TrainConfig
 from .data import SampleDecoder, open_pairs, stream_batches
 from .ema import EMA
 from .engine import Engine, select_device, world
 from .objective import contrastive
 from .plan import Plan, validation_indices
+from .zeroshot import ZeroShotEval
 
 log = logging.getLogger("clip_platform.train")
 
@@ -63,6 +64,8 @@ def build_model(config: TrainConfig) -> clip_models.CLIP:
         model.freeze_vision(config.unfrozen_vision_layers or 0)
     if config.freeze_text or config.unfrozen_text_layers is not None:
         model.freeze_text(config.unfrozen_text_layers or 0)
+    if config.lora_rank:
+        model.lora_targets = lora.add_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     return model
 
 
@@ -91,6 +94,9 @@ class Trainer:
         self.engine = Engine(build_model(config), config, self.device)
         self.ema = None  # made from the weights the run starts with (after _restore)
         self.teacher = load_teacher(config, self.device)
+        self.zeroshot = ZeroShotEval(config.zeroshot_data, self.rank, self.world_size, config.valid_batch_size,
+                                     config.context_length) if config.zeroshot_data else None
+        self._zeroshot_step = -1
         self.position = Position()
         self._saved_step = -1
         self.last_validation: dict = {}
@@ -129,7 +135,14 @@ class Trainer:
 
     def _restore_ray_checkpoint(self, directory: Path) -> dict | None:
         state = json.loads((directory / checkpoints.STATE_FILE).read_text())
-        self.engine.load_model_state(clip_models.read_checkpoint(directory / checkpoints.MODEL_FILE)[0])
+        if self.config.lora_rank:
+            # The checkpoint's model.pt holds merged weights; the frozen base is the run's start
+            # (its --resume, or the seeded initialisation), the adapters are the checkpoint's.
+            if self.config.resume:
+                self._restore_file(self.config.resume)
+            lora.load_adapter(self.engine.module, directory / lora.ADAPTER_DIR)
+        else:
+            self.engine.load_model_state(clip_models.read_checkpoint(directory / checkpoints.MODEL_FILE)[0])
         self.engine.load(directory, load_optimizer=True)
         self.position = Position(**state["position"])
         self.logger.info(f"=> resumed from checkpoint {directory} at epoch {self.position.epoch + 1}, "
@@ -144,7 +157,8 @@ class Trainer:
         sd, _, kind = clip_models.read_checkpoint(clip_models.resolve(path),
                                                   meta=meta if Path(path).is_file() else None)
         try:
-            self.engine.load_model_state(sd)
+            self.engine.load_model_state(lora.to_wrapped_keys(sd, self.engine.module) if self.config.lora_rank else sd,
+                                         strict=not self.config.lora_rank)
         except RuntimeError as exc:
             raise ValueError(f"--resume {path} does not fit {self.config.vision_model}@{self.config.text_model}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
@@ -159,6 +173,7 @@ class Trainer:
     # ------------------------------------------------------------ training
     def fit(self) -> None:
         self.logger.log_params(self.plan, self.total_steps)
+        self.logger.info(("LoRA: " if self.config.lora_rank else "") + lora.trainable_summary(self.engine.module))
         while self.position.epoch < self.max_epochs and self.position.global_step < self.total_steps:
             epoch = self.position.epoch
             self.logger.info(f"Start epoch {epoch + 1}")
@@ -168,9 +183,13 @@ class Trainer:
             self.position = Position(epoch + 1, 0, self.position.global_step)
             if self._due(self.config.valid_epoch_interval, epoch + 1):
                 self.validate()
+            if self._due(self.config.zeroshot_frequency, epoch + 1):
+                self.zero_shot()
             self.save(epoch_end=epoch + 1)
         if self.config.val_data and self.last_validation.get("step") != self.position.global_step:
             self.validate()  # a run stopped mid-epoch by max_steps still ends with a validation, as cn_clip
+        if self._zeroshot_step != self.position.global_step:
+            self.zero_shot()  # and with a zero-shot evaluation, when asked for
         if self._saved_step != self.position.global_step:
             self.save(epoch_end=None, final=True)
         self.logger.finish(self.bad_records)
@@ -311,6 +330,17 @@ class Trainer:
         self.last_validation = result
         return result
 
+    def zero_shot(self) -> None:
+        """--zeroshot-data: top-1/5 of the weights as they are now (every worker, its share)."""
+        if self.zeroshot is None:
+            return
+        self.engine.train(False)
+        result = self.zeroshot.evaluate(self.engine.module)
+        self.engine.train(True)
+        self.logger.zeroshot_line(result, self.position)
+        self.last_validation = {**self.last_validation, **result}
+        self._zeroshot_step = self.position.global_step
+
     def _validate(self, log_line: bool = True) -> dict[str, float]:
         config = self.config
         self.engine.train(False)
@@ -345,7 +375,10 @@ class Trainer:
         files from rank 0, at cn_clip's save points."""
         import ray.train
 
-        model_state = self.engine.model_state()
+        config = self.config
+        raw_state = self.engine.model_state()
+        model_state = lora.merged_state(raw_state, config.lora_alpha / config.lora_rank) if config.lora_rank \
+            else raw_state
         metrics = {"step": self.position.global_step, "epoch": self.position.epoch,
                    **self.last_validation}
         with tempfile.TemporaryDirectory() as tmp:
@@ -353,10 +386,16 @@ class Trainer:
             self.engine.save(directory)
             if self.rank == 0:
                 checkpoints.write_ray_checkpoint(directory, self.engine.module, model_state, self.position)
+                if config.lora_rank:  # the adapter on its own, in the Ray checkpoint and beside epoch_latest.pt
+                    for folder in (directory / lora.ADAPTER_DIR, config.checkpoint_dir / "epoch_latest.lora"):
+                        lora.save_adapter(folder, raw_state, config.lora_rank, config.lora_alpha,
+                                          self.engine.module.lora_targets)
                 if self.ema is not None:
                     torch.save(self.ema.state_dict(), directory / checkpoints.EMA_FILE)
                     with self.ema.applied(self.engine.module):
                         ema_state = self.engine.model_state()
+                    if config.lora_rank:
+                        ema_state = lora.merged_state(ema_state, config.lora_alpha / config.lora_rank)
                     checkpoints.write_ema_file(self.config, ema_state, self.position)
                 checkpoints.write_cn_clip_files(self.config, model_state, self.position, epoch_end, step_file,
                                                 final, self.engine.optimizer_state_for_cn_clip())

@@ -1,15 +1,19 @@
-"""The run's curves as a PNG: training loss, validation accuracy and recall."""
+"""The run's curves as a PNG: training loss, validation accuracy and recall, zero-shot top-1/5."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def read_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return [], []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = read_records(run_dir)
     return [r for r in rows if "loss" in r], [r for r in rows if "valid_loss" in r]
 
 
@@ -31,6 +35,10 @@ def plot_run(run_dir: Path) -> Path | None:
         for key, label in (("valid_t2i_r1", "valid text→image R@1"), ("valid_i2t_r1", "valid image→text R@1"),
                            ("valid_mean_recall", "valid mean recall")):
             ax_acc.plot(steps, [r[key] for r in valid], "o-", label=label)
+    zeroshot = [r for r in read_records(run_dir) if "zeroshot_top1" in r]
+    for key in ("zeroshot_top1", "zeroshot_top5"):
+        if zeroshot:
+            ax_acc.plot([r["step"] for r in zeroshot], [r[key] for r in zeroshot], "s--", label=key.replace("_", " "))
     ax_acc.plot([r["step"] for r in train], [100 * r["t2i_acc"] for r in train], lw=1, alpha=0.6,
                 label="train in-batch t2i acc")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")

@@ -2,6 +2,7 @@
 then the run's summary and plot."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ def check_data(config: TrainConfig) -> None:
     Plan(num_samples, config.batch_size, config.workers, config.accum_freq, config.seed)  # raises if too small
     if config.val_data:
         count_pairs(config.val_data)
+    if config.zeroshot_data:
+        from ..data import read_labels, zeroshot_images
+
+        zeroshot_images(config.zeroshot_data, len(read_labels(config.zeroshot_data)))
+    for tracker, module in (("tensorboard", "tensorboardX"), ("mlflow", "mlflow")):
+        if tracker in config.trackers and importlib.util.find_spec(module) is None:
+            raise ValueError(f"--report-to {tracker} needs the {module} package (pip install {module})")
 
 
 MIN_WORKER_CPUS = 0.25  # auto: a training worker gets at least this much of a CPU
