@@ -420,6 +420,7 @@ def test_python_m_serve_stops_in_one_line_on_a_missing_or_corrupt_checkpoint(tmp
                               text=True, timeout=120)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+        assert lines[0].startswith("python -m serve: error: ")  # the program as typed, not "__main__.py"
     checkpoint = str(clip_models.save_checkpoint(clip_models.create_model(TINY_VIT), tmp_path / "tiny.pt"))
     for images, message in ((tmp_path / "absent.tsv", "does not exist"), (tmp_path, "is not a file")):
         with pytest.raises(FileNotFoundError, match=message):

@@ -10,6 +10,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from . import config
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     Ray task or actor raised them (the full traceback goes to the log at DEBUG). Anything
     else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prog = sys.argv[0].rsplit("/", 1)[-1]
+    prog = config.program_name()
     try:
         main(argv)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import functools
 import inspect
 import io
 import os
+import sys
 import textwrap
 import tokenize
 import types
@@ -70,13 +71,21 @@ def from_args(cls: type[T], args: argparse.Namespace, *recipes: dict[str, Any], 
 
 # ---------------------------------------------------------------- command lines
 
+def program_name() -> str:
+    """The program as the user started it: `python -m serve` for a package's __main__.py (not
+    "__main__.py"), else the script's file name."""
+    path = Path(sys.argv[0])
+    return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+
+
 def parser(cls: type, description: str | None = None, positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """An argparse parser with a flag per field of dataclass `cls` (`positional` fields are
     arguments instead). Flags left out of the command line are left out of the namespace, so
     `from_args` takes them from the recipe or the dataclass; the help shows the defaults.
     Fields of dict type have no command-line form: the job fills them. Jobs add their own
     non-config flags to the parser returned."""
-    out = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    out = argparse.ArgumentParser(prog=program_name(), description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                   argument_default=argparse.SUPPRESS)
     hints, comments = _hints(cls), _comments(cls)
     for f in dataclasses.fields(cls):
