@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from clip_platform.batch.precision import PRECISIONS
+from clip_platform.deploy.runtimes import BACKENDS, check_backend
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class ServeConfig:
     max_prompts: int = 1024  # /classify: labels x templates per request
     request_body_timeout_s: float = 30.0  # a request's body must arrive within this; slower clients get 408
     context_length: int = 52  # token limit per text, [CLS] and [SEP] included
+    backend: Literal[BACKENDS] = "torch"  # what encodes: torch, onnxruntime, openvino (ONNX graphs), or auto
+    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast, or the runtime's
     max_batch_size: int = 64  # texts per model batch (@serve.batch gathers them across requests)
     max_image_batch_size: int = 16  # images per model batch
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill once its first item arrived
@@ -40,6 +46,7 @@ class ServeConfig:
             raise ValueError("give at least one checkpoint (--checkpoint PATH or name=PATH)")
         if self.min_replicas < 1 or self.max_replicas < self.min_replicas:
             raise ValueError("need 1 <= min_replicas <= max_replicas")
+        check_backend(self.backend, self.precision)
         if self.max_batch_size < 1 or self.max_image_batch_size < 1 or self.max_models_per_replica < 1:
             raise ValueError("max_batch_size, max_image_batch_size and max_models_per_replica must be >= 1")
         if self.torch_threads < 0:

@@ -29,7 +29,6 @@ class Encoder:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.max_batch_seen = {"text": 0, "image": 0}
         self.work = {"text_batches": 0, "texts": 0, "text_model_s": 0.0}  # what GET /models reports
         self.batch_sizes = metrics.Histogram("clip_serve_batch_size", "items per model batch",
@@ -47,17 +46,21 @@ class Encoder:
         await self._model(config.default_model)  # a replica is ready once it can answer the default model
 
     def _load(self, name: str):
+        """(the checkpoint's encoder on the configured backend, its image preprocessing)."""
         import clip_models
+        from clip_platform.batch.embed.encoder import ModelEncoder
 
-        log.info("loading model %r from %s", name, self.config.checkpoints[name])
-        model, preprocess = clip_models.load(self.config.checkpoints[name], device=self.device)
-        return model.eval(), preprocess
+        log.info("loading model %r from %s (backend %s, precision %s)", name, self.config.checkpoints[name],
+                 self.config.backend, self.config.precision)
+        encoder = ModelEncoder(self.config.checkpoints[name], precision=self.config.precision,
+                               backend=self.config.backend, threads=self.config.torch_threads)
+        return encoder, clip_models.image_transform(encoder.info.image_size)
 
     async def info(self) -> dict:
         """The requested model's architecture (loads it if this replica does not hold it)."""
-        model, _ = await self._model(serve.get_multiplexed_model_id())
-        return {"struct": model.config.struct_name(), "embed_dim": model.config.embed_dim,
-                "image_size": model.image_size}
+        encoder, _ = await self._model(serve.get_multiplexed_model_id())
+        return {"struct": encoder.info.name, "embed_dim": encoder.info.embed_dim,
+                "image_size": encoder.info.image_size, "backend": encoder.backend}
 
     def stats(self) -> dict:
         """This replica's batching so far: the largest batches, text batches and items, and the
@@ -90,12 +93,10 @@ class Encoder:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=num_items)
     async def _text_batch(self, requests: list[list[str]]) -> list[tuple[np.ndarray, list[bool]]]:
-        import torch
-
         import clip_models
         from clip_models.tokenizer import special_ids, token_ids
 
-        model, _ = await self._model(serve.get_multiplexed_model_id())
+        encoder, _ = await self._model(serve.get_multiplexed_model_id())
         start = time.perf_counter()
         texts = [clip_models.preprocess_text(t) for r in requests for t in r]
         self._record("text", len(texts))
@@ -104,12 +105,10 @@ class Encoder:
         length = self.config.context_length
         _, sep = special_ids()
         rows = [ids if len(ids) <= length else ids[:length - 1] + [sep] for ids in full]
-        tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        tokens = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
         for i, row in enumerate(rows):
-            tokens[i, :len(row)] = torch.tensor(row)
-        with torch.inference_mode():
-            features = clip_models.normalize_features(model.encode_text(tokens.to(self.device)).float())
-        features = features.cpu().numpy()
+            tokens[i, :len(row)] = row
+        features = encoder.encode_texts(tokens)
         self.work["text_batches"] += 1
         self.work["texts"] += len(texts)
         self.work["text_model_s"] += time.perf_counter() - start
@@ -126,7 +125,7 @@ class Encoder:
 
         import clip_models
 
-        model, preprocess = await self._model(serve.get_multiplexed_model_id())
+        encoder, preprocess = await self._model(serve.get_multiplexed_model_id())
         images = [x for r in requests for x in r]
         self._record("image", len(images))
         pixels, good, errors = [], [], [None] * len(images)
@@ -136,11 +135,9 @@ class Encoder:
                 good.append(i)
             except (ValueError, OSError) as exc:
                 errors[i] = str(exc)
-        features = np.zeros((len(images), model.config.embed_dim), np.float32)
+        features = np.zeros((len(images), encoder.info.embed_dim), np.float32)
         if good:
-            with torch.inference_mode():
-                encoded = model.encode_image(torch.stack(pixels).to(self.device)).float()
-            features[good] = clip_models.normalize_features(encoded).cpu().numpy()
+            features[good] = encoder.encode_images(torch.stack(pixels).numpy())
         out, start = [], 0
         for r in requests:
             end = start + len(r)

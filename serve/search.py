@@ -50,7 +50,7 @@ def shard_groups(num_shards: int, num_groups: int) -> list[list[int]]:
 
 
 def _same_weights(a: dict, b: dict) -> bool:
-    """Fingerprints (clip_platform.batch.embed.inspect_model) of the same weights: the same
+    """Fingerprints (clip_platform.model_info.inspect_model) of the same weights: the same
     architecture and checkpoint files by name and size. The source as typed (a relative or
     absolute path, a released name) and the files' times may differ: a copied checkpoint is
     the same model."""
@@ -65,7 +65,7 @@ def index_model(config: ServeConfig) -> str | None:
     in one line, when the index holds another model's features or vectors of another size."""
     if not config.index:
         return None
-    from clip_platform.batch.embed import inspect_model
+    from clip_platform.model_info import inspect_model
     from clip_platform.index.search import read_manifest
 
     manifest = read_manifest(config.index)

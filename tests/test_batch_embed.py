@@ -19,7 +19,7 @@ import clip_models
 from clip_models._torch_compat import packed_linear_ops
 from clip_models.packed import PackedLinears
 from clip_platform.batch import embed_store
-from clip_platform.batch import embed as embed_module
+from clip_platform.batch.embed import encoder as encoder_module
 from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
 from clip_platform.batch.embed_source import IMAGES, MARKER_ROW, TEXTS
 from clip_platform.data.records import stable_id
@@ -330,6 +330,27 @@ def test_compiled_image_encoders_give_the_direct_features(ray_local, corpus, tmp
         np.testing.assert_allclose(got[key], vector, atol=2e-5, rtol=0)
 
 
+def test_onnxruntime_backend_gives_the_torch_features(ray_local, corpus, tmp_path, capsys):
+    """--backend onnxruntime: the actors export the tiny model's graphs (once per node, cached by
+    the checkpoint's fingerprint) and encode with them; the features are torch's (cosine >= 0.999,
+    in fact equal to float32 precision). OpenVINO is switched to in the Serve test."""
+    root, checkpoint, model = corpus
+    data = root / "data"
+    args = ["--extract-image-feats", "--extract-text-feats", "--image-data", str(data / "valid_imgs.tsv"),
+            "--text-data", str(data / "valid_texts.jsonl"), "--resume", str(checkpoint), "--backend", "onnxruntime",
+            "--output-dir", str(tmp_path / "out"), "--img-batch-size", "5", "--text-batch-size", "7"]
+    texts, images = run_job("embed", args, capsys)
+    assert images["num_features"] == 24 and texts["num_features"] == texts["num_encoded"] > 0
+    for modality, expected in (("images", direct_image_features(model, data / "valid_imgs.tsv")),
+                               ("texts", direct_text_features(model, data / "valid_texts.jsonl"))):
+        got = as_dict(read_features(tmp_path / "out" / modality))
+        assert got.keys() == expected.keys()
+        cosines = [float(np.dot(got[key], vector)) for key, vector in expected.items()]
+        assert min(cosines) >= 0.999
+        for key, vector in expected.items():
+            np.testing.assert_allclose(got[key], vector, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- pieces, without Ray
 
 def test_texts_padded_to_the_batch_longest_give_the_same_features(tiny_vit):
@@ -355,9 +376,9 @@ def test_compiled_forward_pads_short_batches_to_one_graph(tiny_vit):
 
 def test_without_inductor_freezing_the_encoder_runs_eager(corpus, monkeypatch):
     _, checkpoint, model = corpus
-    monkeypatch.setattr(embed_module, "inductor_freezing", lambda: None)  # what _torch_compat gives then
+    monkeypatch.setattr(encoder_module, "inductor_freezing", lambda: None)  # what _torch_compat gives then
     assert compiled_image_forward(model, batch_size=4) is None
-    encoder = embed_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    encoder = encoder_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
     assert encoder.forward is None
     np.testing.assert_allclose(encoder.encode_images(pixels), encode_images(model, pixels), atol=2e-6)
@@ -371,8 +392,8 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
             raise RuntimeError("inductor: no C++ compiler found")
         return forward
 
-    monkeypatch.setattr(embed_module, "compiled_image_forward", broken_compile)
-    encoder = embed_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    monkeypatch.setattr(encoder_module, "compiled_image_forward", broken_compile)
+    encoder = encoder_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
     features = encoder.encode_images(pixels)
     assert encoder.forward is None  # later batches go straight to eager
@@ -381,8 +402,8 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
 
 def test_bf16_cpu_encoder_gives_the_direct_autocast_features(corpus):
     _, checkpoint, model = corpus
-    encoder = embed_module.Encoder(str(checkpoint), TEXTS, "bf16")
-    assert isinstance(encoder.linears, PackedLinears) == (packed_linear_ops("cpu") is not None)
+    encoder = encoder_module.Encoder(str(checkpoint), TEXTS, "bf16")
+    assert isinstance(encoder.linears["txt"], PackedLinears) == (packed_linear_ops("cpu") is not None)
     tokens = clip_models.tokenize(["一只猫", "两只狗在草地上", "xyz"])
     num_tokens = (tokens != 0).sum(1)
     batch = {"text_id": np.arange(3), "path": np.array([""] * 3, object), "shard": np.zeros(3, int),

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_platform.batch import embed as embed_module
+from clip_platform.batch.embed import pipeline as pipeline_module
 from clip_platform.batch import knn as knn_module
 from clip_platform.batch.embed import EmbedConfig, embed
 from clip_platform.batch.features import Features, read_features, write_features_parquet
@@ -56,7 +56,7 @@ def test_embed_spreads_over_nodes_and_survives_losing_one(ray_cluster, tmp_path,
     (tmp_path / "corpus_imgs.tsv").write_text("\n".join(lines) + "\n")
 
     removed, seen = [], []  # seen: (node ids of a batch, after the removal?)
-    rows = embed_module.Progress.rows
+    rows = pipeline_module.Progress.rows
 
     def rows_then_remove_a_node(self, batch):
         seen.append((set(np.asarray(batch["node"]).astype(str).tolist()), bool(removed)))
@@ -67,7 +67,7 @@ def test_embed_spreads_over_nodes_and_survives_losing_one(ray_cluster, tmp_path,
             removed.append(workers[0])
         rows(self, batch)
 
-    monkeypatch.setattr(embed_module.Progress, "rows", rows_then_remove_a_node)
+    monkeypatch.setattr(pipeline_module.Progress, "rows", rows_then_remove_a_node)
     # Every encoder actor up before data flows: work reaches all of them, not the first one ready.
     # Few read/decode tasks at a time: each is a process importing torch, on 2 cores.
     context = ray.data.DataContext.get_current()

@@ -82,7 +82,7 @@ def text_features(model, texts: list[str]) -> np.ndarray:
 def build_index(folder: Path, features: Features, checkpoint: str | None, **options) -> str:
     """An index over `features` as the embed job writes them (a Parquet shard and, when
     `checkpoint` is given, the _plan.json recording its model), built by jobs/build_index.py's code."""
-    from clip_platform.batch.embed import inspect_model
+    from clip_platform.model_info import inspect_model
     from clip_platform.batch.features import write_features_parquet
     from clip_platform.index import IndexConfig
     from clip_platform.index.build import build_index as build
@@ -523,7 +523,8 @@ def test_concurrent_requests_for_two_models_are_batched_per_model(service):
 def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
     """`python -m serve` on a Ray of its own turns Serve's direct ingress on: the Gateway replica
     serves HTTP on a port of its own (no proxy actor on the way) with the same answers as the
-    proxy's port: embeddings, validation errors, the page."""
+    proxy's port: embeddings, validation errors, the page. Its Encoder runs on --backend openvino
+    (the checkpoint's ONNX graphs, exported by the replica): the model's features all the same."""
     torch.manual_seed(0)
     model = clip_models.create_model(TINY_VIT).eval()
     checkpoint = clip_models.save_checkpoint(model, tmp_path / "tiny.pt")
@@ -531,7 +532,8 @@ def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local",  # a new local Ray, never the test session's
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # quick shutdown: no balancer to drain
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-replicas", "1"],
+        [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-replicas", "1",
+         "--backend", "openvino"],
         cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
@@ -554,6 +556,11 @@ def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
             reply = requests.post(url + "/embed/text", json={"texts": ["一只猫"]}, timeout=60)
             assert reply.status_code == 200, reply.text
             torch.testing.assert_close(torch.tensor(reply.json()["embeddings"][0]), expected, atol=1e-5, rtol=0)
+        reply = requests.post(direct + "/embed/image", json={"images": [b64(png("red")), b64(noise_png(3))]}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        served, expected_images = np.array(reply.json()["embeddings"]), image_features(model, [png("red"), noise_png(3)])
+        assert (served * expected_images).sum(1).min() >= 0.999
+        np.testing.assert_allclose(served, expected_images, atol=1e-5)
         bad = requests.post(direct + "/embed/text", json={"texts": [""]}, timeout=60)
         assert bad.status_code == 422 and "non-empty" in bad.text
         assert "以文搜图" in requests.get(direct + "/", timeout=60).text

@@ -1,6 +1,7 @@
 """Batch jobs over the cluster, each a reader -> mapper -> writer testable without Ray:
 
-* `embed`       corpus embedding: sharded reader -> decode -> encoder actors -> writers (jobs/embed.py)
+* `embed`       corpus embedding: sharded reader -> decode -> encoder actors -> writers (jobs/embed.py);
+                its `encoder` (torch, ONNX Runtime or OpenVINO) also serves zero-shot and Serve
 * `embed_source`/`embed_store`  the embed job's deterministic input shards and resumable outputs
 * `retrieval`   one split: embed -> KNN both ways -> recall summary (jobs/retrieval_eval.py)
 * `features`    feature files (cn_clip JSONL, Parquet shards) read and written

@@ -3,8 +3,8 @@
 reader  -> the data plane's `read_labels` and `read_zeroshot` (`test/<label id>/*`
            images, in the order cn_clip's ImageFolder lists them);
 mapper  -> `decode_images` (CPU tasks: the data plane's decode_batch) then
-           `ImageClassifier` (actor pool, model loaded once per actor) turns images
-           into class probabilities;
+           `ImageClassifier` (actor pool: the embed job's image encoder, loaded once per
+           actor on the chosen --backend) turns images into class probabilities;
 writer  -> `write_elevater_json` writes the ELEVATER-style JSON cn_clip writes.
 
 The classifier is cn_clip's, in classifier.py (shared with Serve's /classify): one
@@ -28,9 +28,11 @@ import clip_models
 
 from .. import config as config_io
 from ..data import decode_batch, read_labels, read_zeroshot, zeroshot_images
+from ..deploy.runtimes import BACKENDS, check_backend
 from ..io import write_lines
 from .classifier import class_weights, probabilities, prompts
-from .precision import PRECISIONS, autocast, fast_linears
+from .embed.encoder import IMAGE, ModelEncoder
+from .precision import PRECISIONS
 from .runtime import ensure_ray
 from .templates import load_templates
 
@@ -56,10 +58,12 @@ class ZeroShotConfig:
     num_gpus: float = 0.0  # GPUs per encoder actor (0: CPU)
     index: str = ""  # cn_clip's --index: a JSON list of row positions that reorders the outputs
     templates: str = ""  # prompt templates, one per line with {}; default: the built-in Chinese set
+    backend: Literal[BACKENDS] = "torch"  # what encodes the images: torch, onnxruntime, openvino (ONNX graphs), or auto
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_backend(self.backend, self.precision)
         if not self.resume and self.vision_model not in clip_models.available_models():
             raise ValueError(f"--resume is required unless --vision-model names a released model "
                              f"({', '.join(clip_models.available_models())})")
@@ -118,23 +122,18 @@ def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np
 
 
 class ImageClassifier:
-    """Actor-pool stage: loads the model once, then images -> class probabilities."""
+    """Actor-pool stage: the image encoder, loaded once, then images -> class probabilities."""
 
-    def __init__(self, source: str, classifier: np.ndarray, precision: str):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, _ = clip_models.load(source, device=self.device)
-        self.classifier = torch.tensor(classifier, device=self.device)  # a copy: Ray hands in a read-only array
-        self.precision = precision
-        self.linears = fast_linears(self.model.visual, precision, self.device)
+    def __init__(self, source: str, classifier: np.ndarray, precision: str, backend: str = "torch"):
+        self.encoder = ModelEncoder(source, (IMAGE,), precision, backend)
+        self.classifier = torch.tensor(classifier)  # a copy: Ray hands in a read-only array
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
         probs = np.zeros((len(ok), self.classifier.shape[1]), np.float32)
         if ok.any():
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)
-            with torch.no_grad(), autocast(self.precision, self.device), self.linears:
-                features = self.model.encode_image(images)
-            probs[ok] = probabilities(features, self.classifier).cpu().numpy()
+            features = self.encoder.encode_images(batch["image"][ok])
+            probs[ok] = probabilities(torch.from_numpy(features), self.classifier).numpy()
         return {"label": batch["label"], "path": batch["path"], "probs": probs, "ok": ok, "error": batch["error"]}
 
 
@@ -151,7 +150,7 @@ def classify_images(datapath: str, num_classes: int, source: str, classifier: np
                        concurrency=config.num_workers)
     ds = ds.map_batches(decode_images, fn_kwargs={"image_size": image_size}, batch_size=config.img_batch_size,
                         batch_format="numpy", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=config.num_workers))
-    ds = ds.map_batches(ImageClassifier, fn_constructor_args=(source, classifier, config.precision),
+    ds = ds.map_batches(ImageClassifier, fn_constructor_args=(source, classifier, config.precision, config.backend),
                         batch_size=config.img_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
                         num_gpus=config.num_gpus or None, num_cpus=0 if config.num_gpus else 1)

@@ -1,6 +1,6 @@
 """The decode + transform step every job runs on raw rows: `decode_batch`.
 
-Training (train/data.py), the embed job (batch/embed.py) and zero-shot
+Training (train/data.py), the embed job (batch/embed/) and zero-shot
 (batch/zeroshot.py) call it inside their `map_batches` functions. It keeps every
 row in place and flags the ones it could not decode (`valid`), so a training batch
 keeps its shape across workers and the embed writer can account for every row of

@@ -1,0 +1,128 @@
+"""--backend of the embed and zero-shot jobs and of Serve: what runs a tower.
+
+* `torch`        the PyTorch model (autocast, oneDNN-packed bf16 linears, torch.compile):
+                 clip_platform.batch.embed.encoder.
+* `onnxruntime`  the tower's ONNX graph in ONNX Runtime: fp32, or the fp16 graph for fp16; on a
+                 GPU through onnxruntime-gpu's TensorRT or CUDA provider when installed.
+* `openvino`     the fp32 graph compiled by OpenVINO for the CPU, computing in bf16 (or f16) when
+                 asked and the CPU has those instructions, else fp32.
+* `auto`         torch on GPUs; on CPUs OpenVINO when installed, else torch. What was measured
+                 (ViT-B-16 and RoBERTa-base on 2 cores, one script) is in the README's benchmark
+                 table: OpenVINO was the fastest CPU path in every precision measured, with and
+                 without bf16 instructions.
+
+The graphs come from onnx_export.cached_graph: exported once per checkpoint and node.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import torch
+
+from ..model_info import ModelInfo
+from .onnx_export import INPUTS, cached_graph
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+_OPENVINO_HINTS = {"bf16": ("BF16", "bf16"), "fp16": ("FP16", "f16")}  # precision -> (CPU capability, hint)
+
+
+def check_backend(backend: str, precision: str) -> None:
+    """ValueError for a backend that does not exist or cannot run `precision`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise ValueError("--backend onnxruntime runs fp32 or fp16 graphs: for bf16 use --backend openvino or torch")
+
+
+def choose_backend(backend: str, precision: str, device: torch.device | str) -> str:
+    """The backend `auto` means on `device` for `precision` (others are returned as given)."""
+    check_backend(backend, precision)
+    if backend != "auto":
+        return backend
+    if torch.device(device).type != "cpu":
+        return "torch"  # autocast + SDPA's flash kernels; the GPU runtimes are compared by `make gpu-check`
+    return "openvino" if importlib.util.find_spec("openvino") else "torch"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as OpenVINO sees it: without,
+    torch's bf16 is emulated and slower than fp32."""
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def graph_precision(backend: str, precision: str) -> str:
+    """The exported graph a backend reads: ONNX Runtime's fp16 graph for fp16, else fp32
+    (OpenVINO lowers the fp32 graph's precision itself)."""
+    return "fp16" if backend == "onnxruntime" and precision == "fp16" else "fp32"
+
+
+class GraphTower:
+    """One tower's graph loaded into a runtime: inputs [N, ...] -> unnormalised features [N, D]."""
+
+    backend = ""
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OnnxRuntimeTower(GraphTower):
+    backend = "onnxruntime"
+
+    def __init__(self, path, tower: str, precision: str, device: torch.device, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        available = onnxruntime.get_available_providers()
+        providers: list = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in available:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            if "TensorrtExecutionProvider" in available:
+                providers.insert(0, ("TensorrtExecutionProvider", {
+                    "device_id": device.index or 0, "trt_fp16_enable": precision == "fp16",
+                    "trt_engine_cache_enable": True, "trt_engine_cache_path": str(path.parent)}))
+        self.input = INPUTS[tower]
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: array})[0]
+
+
+class OpenVINOTower(GraphTower):
+    backend = "openvino"
+
+    def __init__(self, path, tower: str, precision: str, device: torch.device, threads: int):
+        import openvino
+
+        core = openvino.Core()
+        core.set_property({"CACHE_DIR": str(path.parent / "openvino")})  # compiled blobs: later starts skip compiling
+        capability, hint = _OPENVINO_HINTS.get(precision, ("FP32", "f32"))
+        if capability not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            log.info("OpenVINO: this CPU has no %s instructions: computing in fp32", capability)
+            hint = "f32"
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                         "PERFORMANCE_HINT": "LATENCY",
+                                                         "INFERENCE_NUM_THREADS": threads})
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        self.request.infer({0: array})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+def open_tower(backend: str, model: ModelInfo, tower: str, precision: str, device: torch.device,
+               threads: int = 0) -> GraphTower:
+    """`model`'s tower ("img" or "txt") in the runtime `backend` (onnxruntime or openvino), its
+    graph exported first if this node has not cached it. threads 0: torch's thread count."""
+    path = cached_graph(model, tower, graph_precision(backend, precision))
+    kind = {"onnxruntime": OnnxRuntimeTower, "openvino": OpenVINOTower}[backend]
+    return kind(path, tower, precision, torch.device(device), threads or torch.get_num_threads())
