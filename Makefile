@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 CN_CLIP_REF := cn_clip==1.6.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -27,7 +27,11 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in benchmarks/*.py; do [ $$script = benchmarks/gpu_check.py ] || $(PY) $$script || exit 1; done
+
+# On a machine with a CUDA GPU (and its torch in .venv): GPU tests, backends, TensorRT, training figures.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py --output gpu_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

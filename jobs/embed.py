@@ -7,12 +7,14 @@ re-run after an interruption skips the finished ones.
         --extract-image-feats --extract-text-feats \
         --image-data datasets/MUGE/lmdb/valid/imgs --text-data datasets/MUGE/valid_texts.jsonl \
         --resume pretrained_weights/clip_cn_vit-b-16.pt [--precision bf16] \
-        [--output-dir features/valid --format parquet]
+        [--output-dir features/valid --format parquet] [--backend auto|torch|onnxruntime|openvino]
 
 Without --output-dir the features go to cn_clip's JSONL files (default paths next
 to --text-data, as cn_clip). With it, each modality is a folder of Parquet (or
 JSONL) shards that jobs/knn.py reads directly. `--resume` takes anything
-clip_models.load accepts; the model flags may then be omitted.
+clip_models.load accepts; the model flags may then be omitted. --backend onnxruntime or
+openvino encodes with the checkpoint's ONNX graphs (exported once per node); auto picks the
+fastest path for the device (OpenVINO on CPUs).
 """
 from __future__ import annotations
 

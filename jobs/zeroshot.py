@@ -4,7 +4,8 @@ Chinese prompt set, images encoded by an actor pool over Ray Data, top-1/top-5.
 
     ray job submit --working-dir . -- python jobs/zeroshot.py \
         --datapath datasets/cifar-100/test --label-file datasets/cifar-100/label_cn.txt \
-        --dataset cifar-100 --resume pretrained_weights/clip_cn_vit-b-16.pt --save-dir results
+        --dataset cifar-100 --resume pretrained_weights/clip_cn_vit-b-16.pt --save-dir results \
+        [--backend auto|torch|onnxruntime|openvino]
 
 `--resume` takes anything clip_models.load accepts (cn_clip .pt, Hugging Face
 directory, this project's checkpoint); the model flags may then be omitted.
