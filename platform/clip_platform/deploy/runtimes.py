@@ -6,10 +6,12 @@
                  GPU through onnxruntime-gpu's TensorRT or CUDA provider when installed.
 * `openvino`     the fp32 graph compiled by OpenVINO for the CPU, computing in bf16 (or f16) when
                  asked and the CPU has those instructions, else fp32.
-* `auto`         torch on GPUs; on CPUs OpenVINO when installed, else torch. What was measured
-                 (ViT-B-16 and RoBERTa-base on 2 cores, one script) is in the README's benchmark
-                 table: OpenVINO was the fastest CPU path in every precision measured, with and
-                 without bf16 instructions.
+* `auto`         torch on GPUs; on CPUs OpenVINO when installed, else torch. Measured on 2 cores
+                 (ViT-B-16 and RoBERTa-base, figures in the README's benchmark table): with
+                 AVX512-BF16, OpenVINO bf16 was the fastest path by far; without it, the fp32
+                 runtimes were within the noise of each other (OpenVINO ahead on images in the
+                 interleaved run) while bf16 asked of torch is emulated and 2-3x slower, and of
+                 OpenVINO falls back to fp32: OpenVINO is never the slow choice.
 
 The graphs come from onnx_export.cached_graph: exported once per checkpoint and node.
 """
