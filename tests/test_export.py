@@ -101,6 +101,26 @@ def test_released_architectures_export_and_equal_the_model(released_architecture
         assert_graphs_equal_torch(prefix, model, tower, fp16_batches=(3,))
 
 
+def test_without_the_torchscript_exporter_the_dynamo_one_exports(tmp_path, monkeypatch, tiny_vit, caplog):
+    """The TorchScript exporter is deprecated: where it fails, the dynamo exporter makes the same graph."""
+    real_export = torch.onnx.export
+
+    def no_torchscript(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript exporter was removed")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    path = export_graph(tiny_vit, "txt", "fp32", graph_path(tmp_path / "tiny", "txt", "fp32"))
+    assert "dynamo exporter" in caplog.text or onnx_export._warned
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n, length in ((1, 5), (3, 52)):
+        tokens = sample_tokens(tiny_vit, n, length)
+        with torch.no_grad():
+            expected = tiny_vit.encode_text(torch.from_numpy(tokens)).numpy()
+        np.testing.assert_allclose(session.run(None, {"text": tokens})[0], expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------- backends
 
 @pytest.fixture

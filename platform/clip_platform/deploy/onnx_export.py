@@ -42,7 +42,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16")
 INPUTS = {"img": "image", "txt": "text"}
 OUTPUTS = {"img": "unnorm_image_features", "txt": "unnorm_text_features"}
 OPSET = 17  # LayerNormalization as one op; TensorRT 8.6+ and OpenVINO read it
-MAX_BATCH = 1 << 16  # the dynamo exporter's bound on the batch and length (a symbol in the graph: no cost)
+MAX_BATCH = 1 << 16  # the dynamo exporter's bound on the batch (a symbol in the graph: no cost)
 FP32_RELATIVE_ERROR = 1e-4  # ||onnx - torch|| / ||torch|| per feature vector
 FP16_COSINE = 0.999
 # Graphs of more than this many bytes of weights keep them in a file beside the graph
@@ -152,10 +152,11 @@ def export_graph(model: clip_models.CLIP, tower: str, precision: str, path: str 
     model = (model if precision == "fp32" else half_copy(model)).eval()
     module = (ImageTower(model) if tower == "img" else TextTower(model)).eval()
     if tower == "img":
-        example, axes = torch.from_numpy(sample_images(model, 2)), {0: "batch"}
+        example, axes = torch.from_numpy(sample_images(model, 2)), {0: ("batch", MAX_BATCH)}
     else:
-        example = torch.from_numpy(sample_tokens(model, 2, min(8, model.config.text.max_position_embeddings)))
-        axes = {0: "batch", 1: "length"}
+        positions = model.config.text.max_position_embeddings
+        example = torch.from_numpy(sample_tokens(model, 2, min(8, positions)))
+        axes = {0: ("batch", MAX_BATCH), 1: ("length", positions)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
@@ -172,7 +173,7 @@ def export_graph(model: clip_models.CLIP, tower: str, precision: str, path: str 
 
 
 def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
-                  axes: dict[int, str], big: bool) -> None:
+                  axes: dict[int, tuple[str, int]], big: bool) -> None:
     """torch.onnx.export through its TorchScript exporter: 10-20x faster than the dynamo one here
     (a tiny tower: 0.2-0.7 s of CPU against 3-7 s) and opset 17, which TensorRT 8.6+ parses.
     Deprecated in torch 2.x: where it is gone or fails, the dynamo exporter (warned once)."""
@@ -180,7 +181,8 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, input_na
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its deprecation and tracer warnings, for every export
             torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                              dynamic_axes={input_name: axes}, opset_version=OPSET, dynamo=False)
+                              dynamic_axes={input_name: {i: name for i, (name, _) in axes.items()}},
+                              opset_version=OPSET, dynamo=False)
         return
     except Exception as error:  # noqa: BLE001 - any failure of the old exporter: the new one may succeed
         if not _warned:
@@ -188,7 +190,7 @@ def _torch_export(module: nn.Module, example: torch.Tensor, path: Path, input_na
             _warned.append(True)
     from torch.export import Dim
 
-    dims = {i: Dim(name, min=1, max=MAX_BATCH) for i, name in axes.items()}
+    dims = {i: Dim(name, min=1, max=largest) for i, (name, largest) in axes.items()}
     # The dynamo exporter prints its progress and warns about torchvision's ops: keep both out of the output.
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
     levels = [logger.level for logger in quiet]
