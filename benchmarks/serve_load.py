@@ -127,7 +127,8 @@ def cpu_by_role() -> dict[str, float]:
     import psutil
 
     roles = {"ray::ServeReplica:clip:Encoder": "Encoder", "ray::ServeReplica:clip:Gateway": "Gateway",
-             "ray::ProxyActor": "proxy", "ray::ServeController": "controller"}
+             "ray::ServeReplica:clip:Search": "Search", "ray::ProxyActor": "proxy",
+             "ray::ServeController": "controller"}
     out: dict[str, float] = {}
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         try:
@@ -218,9 +219,11 @@ def search_benchmark(args, base: str, index_dir: str, ids: "np.ndarray") -> None
     queries = rng.choice(ids, args.search_requests).tolist()
     bodies = [{"image_id": int(i), "top_k": 10} for i in queries]
     groups = hold_in_cgroups(replica_processes(), parse_bytes(args.memory_limit))
+    cpu_before = cpu_by_role()
     elapsed, latencies, errors = asyncio.run(post_all(
         base + "/search", bodies, args.search_clients, lambda body, data: len(data["results"]) == body["top_k"],
         args.search_clients))
+    cpu = {role: seconds - cpu_before.get(role, 0.0) for role, seconds in cpu_by_role().items()}
     memory = {name: (proc.memory_info().rss, int((groups[name] / "memory.max_usage_in_bytes").read_text())
                      if name in groups else None) for name, proc in replica_processes().items()}
     index = open_index(index_dir)
@@ -241,6 +244,9 @@ def search_benchmark(args, base: str, index_dir: str, ids: "np.ndarray") -> None
     for name, (rss, peak) in sorted(memory.items()):
         print(f"{name:<28} {rss / 2**20:>8.0f} {peak / 2**20 if peak else float('nan'):>15.0f} {rss / size:>20.3f}")
     print(f"memory limit per replica: {args.memory_limit}" if groups else "no memory limit")
+    print("CPU ms per request by process: " + ", ".join(
+        f"{role} {1e3 * seconds / args.search_requests:.1f}" for role, seconds in sorted(cpu.items(), key=lambda x: -x[1])
+        if seconds > 0.01 * elapsed))
 
 
 def main() -> None:

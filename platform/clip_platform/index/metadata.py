@@ -221,13 +221,20 @@ class _TableWriter:
 
 class Metadata:
     """An index's id table, memory-mapped: ranks by binary search over the ids, rows taken
-    from the mapped Arrow table (safe to share between threads: nothing is read into state)."""
+    from the mapped Arrow table (safe to share between threads: nothing is read into state).
+
+    Rows are taken record batch by record batch: Arrow's take over the whole chunked table
+    costs about 10 ms at 2M rows (31 batches, a dictionary column) whatever the number of rows
+    taken; per batch it is ~1 ms for 10 rows."""
 
     def __init__(self, directory: str | os.PathLike, files: dict[str, str] | None = None):
         directory, files = Path(directory), files or table_files(0)
         self._map = pa.memory_map(str(directory / files["table"]))
         self.table = pa.ipc.open_file(self._map).read_all()  # zero-copy: views of the mapped file
         self.ids = np.load(directory / files["ids"], mmap_mode="r")
+        self._batches = self.table.to_batches()
+        self._starts = np.cumsum([0] + [batch.num_rows for batch in self._batches])
+        self._positions = [batch.column("position").to_numpy() for batch in self._batches]  # zero-copy views
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -240,13 +247,27 @@ class Metadata:
         inside[inside] = self.ids[ranks[inside]] == ids[inside]
         return np.where(inside, ranks, -1)
 
+    def _by_batch(self, ranks: np.ndarray):
+        """(batch number, the ranks' positions in `ranks`, their rows within that batch)."""
+        batch_of = np.searchsorted(self._starts, ranks, side="right") - 1
+        for b in np.unique(batch_of):
+            where = np.flatnonzero(batch_of == b)
+            yield b, where, ranks[where] - self._starts[b]
+
     def positions(self, ranks: np.ndarray) -> np.ndarray:
         """The vector-store row of the ids at these ranks (each >= 0)."""
-        return self.table.column("position").take(pa.array(ranks, pa.int64())).to_numpy()
+        ranks = np.asarray(ranks, np.int64)
+        out = np.empty(len(ranks), np.int64)
+        for b, where, rows in self._by_batch(ranks):
+            out[where] = self._positions[b][rows]
+        return out
 
     def lookup(self, ids: Sequence[int] | np.ndarray) -> dict[int, dict]:
         """{id: {"file", "row"[, "path"]}} for the ids present (ids not in the index are left out)."""
         ranks = np.unique(self.ranks(ids))
         ranks = ranks[ranks >= 0]
-        rows = self.table.take(pa.array(ranks, pa.int64())).drop_columns(["position"])
-        return {row.pop("id"): row for row in rows.to_pylist()}
+        out = {}
+        for b, _, rows in self._by_batch(ranks):
+            for row in self._batches[b].take(pa.array(rows, pa.int64())).drop_columns(["position"]).to_pylist():
+                out[row.pop("id")] = row
+        return out
