@@ -530,7 +530,8 @@ def test_python_m_serve_answers_on_the_gateway_replicas_own_port(tmp_path):
     checkpoint = clip_models.save_checkpoint(model, tmp_path / "tiny.pt")
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local",  # a new local Ray, never the test session's
-           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}  # quick shutdown: no balancer to drain
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # quick shutdown: no balancer to drain
+           "CLIP_GRAPH_CACHE": str(tmp_path / "graphs")}  # the replica's exported graphs, gone with the test
     process = subprocess.Popen(
         [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-replicas", "1",
          "--backend", "openvino"],
