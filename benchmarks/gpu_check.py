@@ -22,9 +22,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import PeakSampler  # noqa: E402  (benchmarks/ is no package)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 7.5 * 60  # the whole check, with its start-up
@@ -166,27 +168,14 @@ def tensorrt_vs_torch(checkpoint: Path, workdir: Path, clock: Clock) -> dict:
     return out
 
 
-class GPUMemory:
-    """Peak GPU memory in use (nvidia-smi, every 0.2 s) while the block runs: the Ray Train worker's."""
-
-    def __enter__(self):
-        self.peak_mib, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                      capture_output=True, text=True, timeout=5).stdout.split()
-                self.peak_mib = max(self.peak_mib, max(int(u) for u in used))
-            except (OSError, ValueError, subprocess.SubprocessError):
-                pass
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def gpu_memory_mib() -> int:
+    """GPU memory in use (nvidia-smi), the largest over the GPUs; 0 when it cannot be read."""
+    try:
+        used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=5).stdout.split()
+        return max(int(u) for u in used)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
 
 
 def training(workdir: Path, steps: int, clock: Clock) -> dict:
@@ -223,7 +212,7 @@ def training(workdir: Path, steps: int, clock: Clock) -> dict:
                              name=name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", ""),
                              max_failures=0, **options)
         try:
-            with GPUMemory() as memory:
+            with PeakSampler(gpu_memory_mib, interval=0.2) as memory:
                 result = run_finetune(config)
         except Exception as error:  # noqa: BLE001 - one row failing is a figure too
             rows[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
@@ -232,7 +221,7 @@ def training(workdir: Path, steps: int, clock: Clock) -> dict:
                    if line.strip()]
         rates = [m["samples_per_s"] for m in metrics if "samples_per_s" in m][2:]
         rows[name] = {"samples_per_s": statistics.median(rates) if rates else None,
-                      "peak_gpu_memory_mib": memory.peak_mib}
+                      "peak_gpu_memory_mib": memory.peak}
     return rows
 
 

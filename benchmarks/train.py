@@ -22,6 +22,7 @@ import json
 import statistics
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 MODELS = {
@@ -41,31 +42,39 @@ def throughput(run_dir: Path) -> float:
     return statistics.median(rates)
 
 
-class WorkerMemory:
-    """Peak of the summed RSS of Ray Train's worker processes while the block runs."""
+class PeakSampler:
+    """The peak of `read()`, sampled every `interval` seconds in a thread while the block runs."""
+
+    def __init__(self, read: Callable[[], int], interval: float = 0.1):
+        self.read, self.interval, self.peak = read, interval, 0
 
     def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(0.1):
-            total = 0
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if "TrainWorker" in " ".join(proc.info["cmdline"] or ()):
-                        total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.read())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def train_worker_rss() -> int:
+    """Summed RSS of Ray Train's worker processes."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "TrainWorker" in " ".join(proc.info["cmdline"] or ()):
+                total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
 def main() -> None:
@@ -93,7 +102,7 @@ def main() -> None:
                                          name=f"{model}-{name.replace(' ', '-')}", cpus_per_worker=1,
                                          max_steps=args.steps, precision="fp32", warmup=1, num_workers=1,
                                          max_failures=0, log_interval=10**6, **{**MODELS[model], **flags})
-                    with WorkerMemory() as memory:
+                    with PeakSampler(train_worker_rss) as memory:
                         rate = throughput(run_finetune(config).run_dir)
                     mib = memory.peak / 2**20
                     baseline = baseline or (rate, mib)

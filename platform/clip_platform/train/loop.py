@@ -135,6 +135,10 @@ class Trainer:
 
     def _restore_ray_checkpoint(self, directory: Path) -> dict | None:
         state = json.loads((directory / checkpoints.STATE_FILE).read_text())
+        if self.config.lora_rank != (directory / lora.ADAPTER_DIR).is_dir():
+            raise RunMismatch(f"run {self.config.name!r} resumes from {directory}, trained "
+                              f"{'without' if self.config.lora_rank else 'with'} LoRA; this command asks "
+                              f"{'for' if self.config.lora_rank else 'for no'} --lora-rank: give another --name")
         if self.config.lora_rank:
             # The checkpoint's model.pt holds merged weights; the frozen base is the run's start
             # (its --resume, or the seeded initialisation), the adapters are the checkpoint's.
@@ -453,6 +457,10 @@ def retrieval_recall(samples: dict[int, tuple]) -> dict[str, float]:
     result["valid_image_r_mean"] = sum(result[f"valid_t2i_r{k}"] for k in (1, 5, 10)) / 3
     result["valid_mean_recall"] = (result["valid_text_r_mean"] + result["valid_image_r_mean"]) / 2
     return result
+
+
+class RunMismatch(ValueError):
+    """A run started again under its name with settings its checkpoint cannot continue."""
 
 
 class NonFiniteTraining(ValueError):

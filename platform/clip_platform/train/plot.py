@@ -12,14 +12,10 @@ def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = read_records(run_dir)
-    return [r for r in rows if "loss" in r], [r for r in rows if "valid_loss" in r]
-
-
 def plot_run(run_dir: Path) -> Path | None:
     """Write {run_dir}/curves.png; None when nothing was logged."""
-    train, valid = read_metrics(run_dir)
+    records = read_records(run_dir)
+    train, valid = [r for r in records if "loss" in r], [r for r in records if "valid_loss" in r]
     if not train:
         return None
     import matplotlib
@@ -35,7 +31,7 @@ def plot_run(run_dir: Path) -> Path | None:
         for key, label in (("valid_t2i_r1", "valid text→image R@1"), ("valid_i2t_r1", "valid image→text R@1"),
                            ("valid_mean_recall", "valid mean recall")):
             ax_acc.plot(steps, [r[key] for r in valid], "o-", label=label)
-    zeroshot = [r for r in read_records(run_dir) if "zeroshot_top1" in r]
+    zeroshot = [r for r in records if "zeroshot_top1" in r]
     for key in ("zeroshot_top1", "zeroshot_top5"):
         if zeroshot:
             ax_acc.plot([r["step"] for r in zeroshot], [r[key] for r in zeroshot], "s--", label=key.replace("_", " "))

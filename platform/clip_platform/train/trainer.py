@@ -12,7 +12,7 @@ from ..batch.runtime import largest_node_cpus
 from ..io import write_json
 from .config import TrainConfig
 from .data import DECODE_CPUS, count_pairs
-from .loop import NonFiniteTraining, train_loop_per_worker
+from .loop import NonFiniteTraining, RunMismatch, train_loop_per_worker
 from .plan import Plan
 from .plot import plot_run
 
@@ -107,10 +107,11 @@ def run_finetune(config: TrainConfig, faults: dict | None = None) -> FinetuneRes
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray Train hands back the workers' traceback as text
-        stopped = re.search(r"NonFiniteTraining: (.+)", str(exc))
+        stopped = re.search(r"(NonFiniteTraining|RunMismatch): (.+)", str(exc))
         if stopped is None:
             raise
-        raise NonFiniteTraining(stopped.group(1).strip()) from None
+        raise (NonFiniteTraining if stopped.group(1) == "NonFiniteTraining" else RunMismatch)(
+            stopped.group(2).strip()) from None
     metrics = dict(result.metrics or {})
     plot = plot_run(config.run_dir)
     summary = {"run_dir": str(config.run_dir), "checkpoint": str(config.checkpoint_dir / "epoch_latest.pt"),
