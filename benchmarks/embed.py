@@ -5,6 +5,7 @@ measured in one run; and each backend's best forward pass alone (its ceiling).
     python benchmarks/embed.py                           # ViT-B-16 + RoBERTa-base, random weights, 1024 + 1024
     python benchmarks/embed.py --images 240 --texts 720  # the small corpus, where start-up counts
     python benchmarks/embed.py --small                   # the tiny model, for a quick check (~1 min)
+    python benchmarks/embed.py --backends auto:int8      # rows are backend[:precision]
 
 Baseline (cn_clip's loop, on CPU): one process, fp32, batches of 32, images read from the LMDB
 and decoded inline (its DataLoader has num_workers=0), texts tokenized one by one and padded to
@@ -12,9 +13,10 @@ and decoded inline (its DataLoader has num_workers=0), texts tokenized one by on
 
 Ours: the whole embed job per backend (planning, Ray Data read + decode tasks, encoder actor
 pool, shards written), the Ray cluster started before the clock, each backend's graphs exported
-before it (the export is printed apart: it happens once per checkpoint and node). Precision:
-bf16 where the CPU computes it natively (AVX512-BF16 or AMX; ONNX Runtime: fp32), else fp32;
-torch also compiles image encoders (--compile auto). Features are compared with the baseline's
+before it (the export is printed apart: it happens once per checkpoint and node). Precision,
+unless a row names one: bf16 where the CPU computes it natively (AVX512-BF16 or AMX; ONNX
+Runtime: fp32), else fp32; torch also compiles image encoders (--compile auto). The `auto:int8`
+row is --precision int8 (int8 graphs: OpenVINO for images, ONNX Runtime for texts). Features are compared with the baseline's
 fp32 ones (cosine). The ceiling is the machine's: the model's FLOPs per image against the
 measured peak matmul.
 """
@@ -46,7 +48,7 @@ from clip_platform.deploy.runtimes import cpu_has_bf16
 BASELINE_BATCH = 32
 BASELINE_CONTEXT = 52
 TARGET_IMAGES, TARGET_TEXTS, TARGET_COSINE = 3.0, 4.0, 0.999
-BACKENDS = ("torch", "onnxruntime", "openvino")
+ROWS = ("torch", "onnxruntime", "openvino", "auto:int8")  # backend[:precision]
 FORWARD_BATCHES = {"images": 16, "texts": 64}  # what the CPU job's encoders get (CPU_IMAGE_BATCH, --text-batch-size)
 
 
@@ -57,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--texts", type=int, default=0, help="texts to embed (default 1024; small: 512)")
     parser.add_argument("--precision", default="best", help="precision of our jobs (default: bf16 on CPUs with "
                         "native bf16, else fp32; ONNX Runtime always fp32)")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends to run")
+    parser.add_argument("--backends", default=",".join(ROWS), help="comma-separated rows to run: "
+                        "backend[:precision] (precision as --precision)")
     parser.add_argument("--workdir", default=None, help="where data and outputs go (default: a temp dir)")
     args = parser.parse_args(argv)
     args.model = "ViT-Tiny@BERT-Tiny-chinese" if args.small else "ViT-B-16"
@@ -67,10 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def precision_of(backend: str, asked: str) -> str:
-    if asked != "best":
-        return asked
-    return "bf16" if cpu_has_bf16() and backend != "onnxruntime" else "fp32"
+def row_settings(row: str, asked: str) -> tuple[str, str]:
+    """(backend, precision) of a row `backend[:precision]`: the row's precision, else --precision,
+    where "best" is bf16 on CPUs with native bf16 (ONNX Runtime: fp32), else fp32."""
+    backend, _, precision = row.partition(":")
+    precision = precision or asked
+    if precision == "best":
+        precision = "bf16" if cpu_has_bf16() and backend != "onnxruntime" else "fp32"
+    return backend, precision
 
 
 # ---------------------------------------------------------------- data and model
@@ -169,7 +176,7 @@ def run_job(checkpoint: Path, workdir: Path, backend: str, precision: str, image
     config = EmbedConfig(extract_image_feats=images is not None, extract_text_feats=texts is not None,
                          image_data=str(images or ""), text_data=str(texts or "unused.jsonl"),
                          resume=str(checkpoint), precision=precision, backend=backend,
-                         output_dir=str(workdir / f"ours_{backend}_{modality}"))
+                         output_dir=str(workdir / f"ours_{backend}_{precision}_{modality}"))
     start = time.perf_counter()
     [report] = embed(config)
     return time.perf_counter() - start, report.__dict__
@@ -186,7 +193,7 @@ def best_forward(checkpoint: Path, backend: str, precision: str, image_size: int
     inputs = {"images": rng.integers(0, 256, (FORWARD_BATCHES["images"], 3, image_size, image_size), np.uint8),
               "texts": clip_models.tokenize([clip_models.preprocess_text(caption) for caption in sample_captions(
                   FORWARD_BATCHES["texts"])]).numpy()}
-    out = {"setup_s": setup}
+    out = {"setup_s": setup, "runs": encoder.backend}
     for name, array in inputs.items():
         forward = encoder.encode_images if name == "images" else (
             lambda tokens: encoder.encode_texts(tokens, (tokens != 0).sum(1)))
@@ -239,27 +246,27 @@ def main(argv=None) -> None:
               f"texts {base['texts']:.1f}/s ({base_txt_s:.1f} s)")
 
         forwards = {}
-        for backend in args.backends:
-            precision = precision_of(backend, args.precision)
-            forwards[backend] = best_forward(checkpoint, backend, precision, model.image_size)
-            f = forwards[backend]
-            print(f"forward alone, {backend} {precision}: images {f['images']:.2f}/s "
+        for row in args.backends:
+            backend, precision = row_settings(row, args.precision)
+            forwards[row] = best_forward(checkpoint, backend, precision, model.image_size)
+            f = forwards[row]
+            print(f"forward alone, {backend} {precision} ({f['runs']}): images {f['images']:.2f}/s "
                   f"({f['images'] / base['images']:.2f}x the baseline's whole loop), texts {f['texts']:.1f}/s "
                   f"({f['texts'] / base['texts']:.2f}x); load + export {f['setup_s']:.1f} s")
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
         rows = []
         try:
-            for backend in args.backends:
-                precision = precision_of(backend, args.precision)
+            for row in args.backends:
+                backend, precision = row_settings(row, args.precision)
                 img_s, img_report = run_job(checkpoint, workdir, backend, precision, images=imgs_dir)
                 txt_s, txt_report = run_job(checkpoint, workdir, backend, precision, texts=texts)
                 rates = {"images": img_report["num_encoded"] / img_s, "texts": txt_report["num_encoded"] / txt_s}
-                img_cos = cosine(workdir / f"ours_{backend}_images" / "images", workdir / "base_imgs.jsonl",
-                                 "image_id")
-                txt_cos = cosine(workdir / f"ours_{backend}_texts" / "texts", workdir / "base_texts.jsonl",
-                                 "text_id")
-                rows.append((backend, precision, rates, img_s, txt_s, min(img_cos[0], txt_cos[0])))
+                img_cos = cosine(workdir / f"ours_{backend}_{precision}_images" / "images",
+                                 workdir / "base_imgs.jsonl", "image_id")
+                txt_cos = cosine(workdir / f"ours_{backend}_{precision}_texts" / "texts",
+                                 workdir / "base_texts.jsonl", "text_id")
+                rows.append((row, precision, rates, img_s, txt_s, min(img_cos[0], txt_cos[0])))
                 print(f"ours, {backend} {precision} (whole job): images {rates['images']:.2f}/s ({img_s:.1f} s, "
                       f"{rates['images'] / base['images']:.2f}x: {verdict(rates['images'] / base['images'], TARGET_IMAGES)}), "
                       f"texts {rates['texts']:.1f}/s ({txt_s:.1f} s, {rates['texts'] / base['texts']:.2f}x: "
@@ -271,9 +278,9 @@ def main(argv=None) -> None:
         print("\n| backend | precision | images/s (x) | texts/s (x) | forward alone images/s, texts/s | min cosine |")
         print("|---|---|---|---|---|---|")
         print(f"| cn_clip loop | fp32 | {base['images']:.2f} (1.00) | {base['texts']:.1f} (1.00) | | |")
-        for backend, precision, rates, _, _, cos in rows:
-            f = forwards.get(backend, {})
-            print(f"| {backend} | {precision} | {rates['images']:.2f} ({rates['images'] / base['images']:.2f}) | "
+        for row, precision, rates, _, _, cos in rows:
+            f = forwards.get(row, {})
+            print(f"| {row.partition(':')[0]} | {precision} | {rates['images']:.2f} ({rates['images'] / base['images']:.2f}) | "
                   f"{rates['texts']:.1f} ({rates['texts'] / base['texts']:.2f}) | {f.get('images', 0):.2f}, "
                   f"{f.get('texts', 0):.1f} | {cos:.5f} |")
         for name, target in (("images", TARGET_IMAGES), ("texts", TARGET_TEXTS)):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip_platform.batch.precision import PRECISIONS
+from clip_platform.batch.precision import ENCODER_PRECISIONS
 from clip_platform.deploy.runtimes import BACKENDS, check_backend
 
 
@@ -26,7 +26,7 @@ class ServeConfig:
     request_body_timeout_s: float = 30.0  # a request's body must arrive within this; slower clients get 408
     context_length: int = 52  # token limit per text, [CLS] and [SEP] included
     backend: Literal[BACKENDS] = "torch"  # what encodes: torch, onnxruntime, openvino (ONNX graphs), or auto
-    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast, or the runtime's
+    precision: Literal[ENCODER_PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast, or the runtime's; int8: int8 graphs (CPU)
     max_batch_size: int = 64  # texts per model batch (@serve.batch gathers them across requests)
     max_image_batch_size: int = 16  # images per model batch
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill once its first item arrived

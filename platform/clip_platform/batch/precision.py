@@ -9,6 +9,8 @@ from torch import nn
 from clip_models.packed import packed_linears
 
 PRECISIONS = ("amp", "fp32", "bf16", "fp16")  # --precision of every job, finetuning included
+# --precision of embed, zero-shot and Serve: also int8, the ONNX backends' int8 graphs on CPUs
+ENCODER_PRECISIONS = (*PRECISIONS, "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

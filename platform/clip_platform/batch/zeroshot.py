@@ -32,7 +32,7 @@ from ..deploy.runtimes import BACKENDS, check_backend
 from ..io import write_lines
 from .classifier import class_weights, probabilities, prompts
 from .embed.encoder import IMAGE, ModelEncoder
-from .precision import PRECISIONS
+from .precision import ENCODER_PRECISIONS
 from .runtime import ensure_ray
 from .templates import load_templates
 
@@ -50,7 +50,7 @@ class ZeroShotConfig:
     resume: str | None = None  # checkpoint, anything clip_models.load accepts; default: the released --vision-model
     vision_model: str | None = None  # name in "CN-CLIP-<name>"; default: inferred from the checkpoint
     text_model: str | None = None  # accepted for cn_clip's command lines; the checkpoint defines the model
-    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip's zero-shot; bf16/fp16: autocast
+    precision: Literal[ENCODER_PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip's zero-shot; bf16/fp16: autocast; int8: int8 graphs (CPU)
     img_batch_size: int = 64  # images per batch
     context_length: int = 52  # prompt token limit, [CLS] and [SEP] included
     num_workers: int = 4  # CPU decode tasks in flight (cn_clip: data-loader workers)
@@ -61,8 +61,8 @@ class ZeroShotConfig:
     backend: Literal[BACKENDS] = "torch"  # what encodes the images: torch, onnxruntime, openvino (ONNX graphs), or auto
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {self.precision!r}")
         check_backend(self.backend, self.precision)
         if not self.resume and self.vision_model not in clip_models.available_models():
             raise ValueError(f"--resume is required unless --vision-model names a released model "

@@ -12,7 +12,7 @@ from ... import config as config_io
 from ...deploy.runtimes import BACKENDS, check_backend
 from ..embed_source import IMAGES, TEXTS, Modality
 from ..embed_store import FORMATS
-from ..precision import PRECISIONS
+from ..precision import ENCODER_PRECISIONS
 
 DEFAULT_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"  # cn_clip's defaults
 DEFAULT_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"
@@ -31,7 +31,7 @@ class EmbedConfig:
     text_batch_size: int = 64  # texts per encoder batch, padded to the batch's longest
     context_length: int = 52  # token limit per text, [CLS] and [SEP] included
     resume: str | None = None  # checkpoint: anything clip_models.load accepts (cn_clip .pt, HF dir, ours)
-    precision: Literal[PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast
+    precision: Literal[ENCODER_PRECISIONS] = "amp"  # amp/fp32: fp32 as cn_clip; bf16/fp16: autocast; int8: int8 graphs (CPU)
     vision_model: str | None = None  # a released model name to load when --resume is not given
     text_model: str | None = None  # accepted for cn_clip's command lines; the checkpoint defines the model
     output_dir: str | None = None  # sharded output: <output-dir>/images and <output-dir>/texts
@@ -47,8 +47,8 @@ class EmbedConfig:
     def __post_init__(self):
         if not (self.extract_image_feats or self.extract_text_feats):
             raise ValueError("nothing to do: give --extract-image-feats and/or --extract-text-feats")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ENCODER_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {self.precision!r}")
         check_backend(self.backend, self.precision)
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")

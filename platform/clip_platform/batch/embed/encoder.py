@@ -103,20 +103,21 @@ class ModelEncoder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.info = source if isinstance(source, ModelInfo) else inspect_model(source)
         self.precision = precision
-        self.backend = choose_backend(backend, precision, self.device)
+        # Each tower's backend: `auto` may pick a different one per tower (int8).
+        backends = {tower: choose_backend(backend, precision, self.device, tower) for tower in towers}
+        self.backend = "+".join(sorted(set(backends.values())))  # what runs, for reports
         self.model, self.forward = None, None
         self.linears: dict[str, contextlib.AbstractContextManager] = {}
-        self.graphs = {}
-        if self.backend == "torch":
+        self.graphs = {tower: open_tower(name, self.info, tower, precision, self.device, threads)
+                       for tower, name in backends.items() if name != "torch"}
+        torch_towers = [tower for tower, name in backends.items() if name == "torch"]
+        if torch_towers:
             self.model, _ = clip_models.load(self.info.source, device=self.device)
             # Images only: text batches vary in length (each padded to its longest), which a
             # static graph would recompile for.
             self.forward = compiled_image_forward(self.model, compile_batch) \
-                if compile_batch and IMAGE in towers else None
-            self.linears = {tower: self._fast_linears(tower) for tower in towers}
-        else:
-            self.graphs = {tower: open_tower(self.backend, self.info, tower, precision, self.device, threads)
-                           for tower in towers}
+                if compile_batch and IMAGE in torch_towers else None
+            self.linears = {tower: self._fast_linears(tower) for tower in torch_towers}
 
     def _fast_linears(self, tower: str):
         if tower == IMAGE and self.forward is not None:
@@ -125,7 +126,7 @@ class ModelEncoder:
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """Normalised features of images [N, 3, S, S] (uint8 pixels or preprocessed floats)."""
-        if self.graphs:
+        if IMAGE in self.graphs:
             return normalise(torch.from_numpy(self.graphs[IMAGE](image_floats(images))))
         try:
             with self.linears[IMAGE]:
@@ -141,7 +142,7 @@ class ModelEncoder:
 
     def encode_texts(self, tokens: np.ndarray, num_tokens: np.ndarray | None = None) -> np.ndarray:
         """Normalised features of 0-padded token ids [N, L], cut to the longest text (`num_tokens`)."""
-        if self.graphs:
+        if TEXT in self.graphs:
             return normalise(torch.from_numpy(self.graphs[TEXT](trim_tokens(tokens, num_tokens))))
         with self.linears[TEXT]:
             return encode_texts(self.model, tokens, num_tokens, self.precision)

@@ -6,15 +6,17 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
+from ...deploy.runtimes import choose_backend
 from ...io import write_json
 from ...model_info import ModelInfo, inspect_model
-from ..embed_source import TEXTS, CorpusPlan, plan_corpus
+from ..embed_source import IMAGES, TEXTS, CorpusPlan, plan_corpus
 from ..embed_store import ShardStore
 from ..runtime import ensure_ray
 from .config import EmbedConfig, EmbedReport, Target, targets
+from .encoder import IMAGE, TEXT
 from .pipeline import EncoderResources, compile_images, encoder_resources, run_shards
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,18 @@ def _json_roundtrip(value: Any) -> Any:
 
 def embed_target(target: Target, config: EmbedConfig, model: ModelInfo, resources: EncoderResources) -> EmbedReport:
     start = time.perf_counter()
+    tower = IMAGE if target.modality == IMAGES else TEXT
+    resources = replace(resources, backend=choose_backend(config.backend, config.precision,
+                                                          "cuda" if resources.num_gpus else "cpu", tower))
     store = ShardStore(target.shards_dir, target.modality, target.format)
     plan = prepare_plan(store, target, config, model, resources.backend)
     done = store.finished(plan.num_shards)
     todo = [i for i in range(plan.num_shards) if i not in done]
     compiled = compile_images(config, resources, plan, todo, target)
-    log.info("%s: %s -> %s: %d shards, %d finished earlier, %d to embed with %d encoder actor(s) "
+    log.info("%s: %s -> %s: %d shards, %d finished earlier, %d to embed with %d %s encoder actor(s) "
              "(%s GPU, %s CPU, %s threads each%s)", target.modality.name, target.data, store.directory,
-             plan.num_shards, len(done), len(todo), resources.concurrency, resources.num_gpus, resources.num_cpus,
+             plan.num_shards, len(done), len(todo), resources.concurrency, resources.backend, resources.num_gpus,
+             resources.num_cpus,
              resources.threads or "default", "; torch.compile first, then the first batch" if compiled else "")
     progress = run_shards(plan, todo, store, target, config, model, resources, compiled) if todo else None
     encode_seconds = time.perf_counter() - start
@@ -99,5 +105,5 @@ def embed(config: EmbedConfig) -> list[EmbedReport]:
     ensure_ray()
     resources = encoder_resources(config)
     log.info("model %s from %s, precision %s, backend %s", model.name, model.source, config.precision,
-             resources.backend)
+             config.backend)
     return [embed_target(target, config, model, resources) for target in targets(config)]
