@@ -190,6 +190,11 @@ def test_texts_zeroshot_and_labels(ray_local, dataset):
 def test_a_path_that_is_no_pair_source_is_a_clear_error(dataset):
     with pytest.raises(FileNotFoundError, match="not a cn_clip LMDB split"):
         open_pairs(dataset)
+    # A folder that is no zero-shot dataset is named as such (not by a label file beside it).
+    with pytest.raises(FileNotFoundError, match=f"^{dataset} is not a zero-shot dataset .*{dataset.parent}/label_cn"):
+        read_labels(dataset)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        read_labels(dataset / "nowhere")
 
 
 def test_build_with_ray_equals_build_in_one_process(ray_local, dataset, tmp_path):

@@ -167,9 +167,12 @@ def read_labels(path: PathLike) -> list[str]:
     """Class names from label_cn.txt, one per line, line i naming label id i. `path` is the
     file, the dataset dir holding it, or that dataset's test/ dir."""
     path = _local(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     label_file = path if path.is_file() else _zeroshot_dirs(path)[0] / LABEL_FILE
     if not label_file.is_file():
-        raise FileNotFoundError(f"label file {label_file} does not exist")
+        raise FileNotFoundError(f"{path} is not a zero-shot dataset ({LABEL_FILE} and test/<label id>/ images, "
+                                f"the ELEVATER layout): {label_file} does not exist")
     try:
         labels = [line.strip() for line in label_file.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
