@@ -78,11 +78,12 @@ def test_accumulation_equals_the_larger_batch(dataset, tmp_path, ray_local):
 
 def test_resume_mid_epoch_sees_exactly_the_uninterrupted_samples(dataset, tmp_path, ray_local):
     # 256 pairs / (2 x 16) = 8 steps per epoch: stop at step 3, mid-epoch, then go on to 10 (into epoch 2).
-    full = run_finetune(tiny(dataset, tmp_path / "full", workers=2, max_steps=10, val_data=None))
+    # The plan's samples are the uninterrupted run's: test_convergence_deepspeed_zero2_two_workers checks
+    # that over five epochs, so no third, uninterrupted run is needed here.
     run_finetune(tiny(dataset, tmp_path / "split", workers=2, max_steps=3, val_data=None))
     second = tiny(dataset, tmp_path / "split", workers=2, max_steps=10, val_data=None)
     resumed = run_finetune(second)
-    assert sample_log(resumed.run_dir) == sample_log(full.run_dir) == planned_samples(second, 10)
+    assert sample_log(resumed.run_dir) == planned_samples(second, 10)
     log_text = "".join(p.read_text() for p in resumed.run_dir.glob("out_*.log"))
     assert "=> resumed from checkpoint" in log_text
 
@@ -164,18 +165,24 @@ def test_killed_worker_restores_from_checkpoint_and_finishes(dataset, tmp_path, 
     assert "=> resumed from checkpoint" in log_text
 
 
-def test_convergence_deepspeed_zero2_two_workers(dataset, tmp_path, ray_local):
+def test_convergence_deepspeed_zero2_two_workers(tmp_path, ray_local):
     """A tiny CLIP from scratch learns the synthetic captions: validation text->image R@1
     ends far above chance (1/48 = 2.1% for 48 validation images)."""
-    result = run_finetune(tiny(dataset, tmp_path / "conv", workers=2, batch_size=32, max_steps=120, lr=2e-3,
-                               warmup=10, log_interval=20, record_sample_ids=False, valid_step_interval=None))
+    # 1024 pairs: 16 steps an epoch at 2 x 32, so the run spends its time on steps rather than
+    # on each epoch's validation, checkpoint and data start (the 256 pairs of `dataset`: 4 steps).
+    dataset = synthetic_lmdb(tmp_path / "synthetic", num_train=512, num_valid=48)
+    config = tiny(dataset, tmp_path / "conv", workers=2, batch_size=32, max_steps=80, lr=2e-3, warmup=10,
+                  log_interval=20, valid_step_interval=None)
+    result = run_finetune(config)
+    # An uninterrupted run trains on the plan's samples, in its order, epoch after epoch.
+    assert sample_log(result.run_dir) == planned_samples(config, 80)
     losses = [m["loss"] for m in train_metrics(result.run_dir)]
-    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, (losses[:10], losses[-10:])
     assert result.final_metrics["valid_t2i_r1"] >= 20.0, result.final_metrics
     assert result.plot is not None and result.plot.stat().st_size > 0
     # The cn_clip-layout checkpoint loads in clip_models and in cn_clip's own model.
     checkpoint = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
-    assert checkpoint["step"] == 120 and all(k.startswith("module.") for k in checkpoint["state_dict"])
+    assert checkpoint["step"] == 80 and all(k.startswith("module.") for k in checkpoint["state_dict"])
     model = clip_models.load_model(result.checkpoint)
     reference = cn_clip_model(model.config)
     reference.load_state_dict({k[len("module."):]: v for k, v in checkpoint["state_dict"].items()})
