@@ -281,6 +281,8 @@ def main() -> None:
     parser.add_argument("--search-clients", type=int, default=32, help="concurrent /search clients (default 32)")
     parser.add_argument("--search-requests", type=int, default=4000, help="/search requests (default 4000)")
     parser.add_argument("--search-groups", type=int, default=0, help="ServeConfig.search_groups (0: one per shard)")
+    parser.add_argument("--search-replicas", type=int, default=1,
+                        help="ServeConfig.search_replicas (0: the Gateway searches the index itself)")
     parser.add_argument("--memory-limit", default="4GiB", help="memory cgroup limit per Serve replica (default 4GiB)")
     args = parser.parse_args()
     if args.search_index:
@@ -369,6 +371,7 @@ def main_search(args) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(checkpoints={"m": str(checkpoint)}, index=args.search_index, min_replicas=1,
                              max_replicas=1, num_cpus=0.25, search_groups=args.search_groups, search_cpus=0.5,
+                             search_replicas=args.search_replicas,
                              access_log=args.access_log, max_ongoing_requests=max(64, args.search_clients),
                              max_queued_requests=args.search_requests)
         serve.run(build_app(config), name="clip", route_prefix="/")

@@ -44,7 +44,7 @@ def build_app(config: ServeConfig):
         max_ongoing_requests=max(config.max_ongoing_requests, 2 * config.max_batch_size), max_queued_requests=-1,
     ).bind(config)
     searchers = []
-    if config.index:
+    if config.index and config.search_replicas:
         from clip_platform.index.search import read_manifest
 
         groups = shard_groups(len(read_manifest(config.index)["shards"]), config.search_groups)

@@ -15,7 +15,8 @@ class ServeConfig:
     checkpoints: dict[str, str] = field(default_factory=dict)  # model name -> anything clip_models.load accepts
     index: str | None = None  # an index directory built by jobs/build_index.py, searched by POST /search
     search_groups: int = 0  # Search deployments the index shards are dealt over; 0: one per shard
-    search_replicas: int = 1  # replicas of each Search deployment (each maps its group's shards)
+    search_replicas: int = 1  # replicas of each Search deployment (each maps its group's shards); 0: no
+    # Search deployment, each Gateway replica maps every shard and searches itself (one hop less per request)
     search_cpus: float = 0.5  # per Search replica
     index_images: str | None = None  # optional cn_clip {split}_imgs.tsv: GET /images/{id} serves the hits' images
     max_items: int = 32  # texts, images or labels per request
@@ -51,8 +52,9 @@ class ServeConfig:
             raise ValueError("max_batch_size, max_image_batch_size and max_models_per_replica must be >= 1")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0 (0: one per reserved CPU)")
-        if self.search_groups < 0 or self.search_replicas < 1:
-            raise ValueError("need search_groups >= 0 (0: one per index shard) and search_replicas >= 1")
+        if self.search_groups < 0 or self.search_replicas < 0:
+            raise ValueError("need search_groups >= 0 (0: one per index shard) and search_replicas >= 0 "
+                             "(0: the Gateway searches)")
         if self.request_body_timeout_s <= 0:
             raise ValueError(f"request_body_timeout_s must be > 0, got {self.request_body_timeout_s}")
         for name in ("max_items", "max_image_bytes", "max_text_chars", "max_prompts"):

@@ -78,8 +78,9 @@ class Gateway:
         self.encoders = {name: encoder.options(multiplexed_model_id=name) for name in config.checkpoints}
         self.config = config
         self.searchers, self.index_model = searchers or [], index_model
-        # The id table and stored vectors only (no shard): metadata of hits, vectors for more-like-this.
-        self.index = open_index(config.index, shards=[]) if config.index else None
+        # The id table and stored vectors (metadata of hits, vectors for more-like-this), and the
+        # shards only when no Search deployment holds them (search_replicas 0).
+        self.index = open_index(config.index, shards=None if not searchers else []) if config.index else None
         self.images = ImageStore(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()
@@ -283,8 +284,11 @@ class Gateway:
             query = await self._embed_images(model, [body.image])
         else:
             query = await self._stored_vector(body.id)
-        parts = await asyncio.gather(*[searcher.search.remote(query, body.top_k) for searcher in self.searchers])
-        scores, ids = merge_topk(parts, body.top_k) if len(parts) > 1 else parts[0]
+        if self.searchers:
+            parts = await asyncio.gather(*[searcher.search.remote(query, body.top_k) for searcher in self.searchers])
+            scores, ids = merge_topk(parts, body.top_k) if len(parts) > 1 else parts[0]
+        else:  # FAISS releases the GIL: the event loop keeps answering while it scans
+            scores, ids = await asyncio.to_thread(self.index.search, query, body.top_k)
         hits = [(int(i), float(score)) for i, score in zip(ids[0], scores[0]) if i >= 0]
         metadata = await asyncio.to_thread(self._lookup, [i for i, _ in hits])
         results = []

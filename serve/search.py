@@ -24,6 +24,7 @@ from ray import serve
 from .config import ServeConfig
 
 log = logging.getLogger("serve")
+MAX_QUERIES_PER_CALL = 64  # requests one FAISS call answers together
 
 
 @serve.deployment(name="Search")
@@ -38,9 +39,24 @@ class Search:
                  sum(shard.ntotal for shard in self.index.shards))
 
     async def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) [n, k] over this replica's shards; FAISS releases the GIL, so the
-        replica's event loop keeps answering while it scans."""
-        return await asyncio.to_thread(self.index.search, queries, k)
+        """(scores, ids) [n, k] over this replica's shards."""
+        return await self._search_together(queries, k)
+
+    @serve.batch(max_batch_size=MAX_QUERIES_PER_CALL, batch_wait_timeout_s=0.0)
+    async def _search_together(self, queries: list[np.ndarray], ks: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The requests waiting at this moment (no wait is added: under load they queue while
+        a search runs) in one FAISS call per distinct k, which runs in a thread (FAISS releases
+        the GIL, so the event loop keeps taking requests meanwhile)."""
+        out: list = [None] * len(queries)
+        for k in set(ks):
+            which = [i for i, asked in enumerate(ks) if asked == k]
+            scores, ids = await asyncio.to_thread(self.index.search, np.concatenate([queries[i] for i in which]), k)
+            row = 0
+            for i in which:
+                n = len(queries[i])
+                out[i] = scores[row:row + n], ids[row:row + n]
+                row += n
+        return out
 
 
 def shard_groups(num_shards: int, num_groups: int) -> list[list[int]]:

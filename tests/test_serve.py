@@ -198,7 +198,9 @@ def test_classify_and_search(service):
 
 def test_search_over_a_two_shard_index_equals_the_knn_job(service, tmp_path):
     """Two Search deployments, one index shard each, fanned out and merged by the Gateway:
-    the ids `jobs/knn.py --index` finds for the same text queries."""
+    the ids `jobs/knn.py --index` finds for the same text queries, asked one by one and all
+    at once with two top_k (each Search replica answers the requests waiting together in one
+    FAISS call per top_k)."""
     from ray import serve
 
     manifest = json.loads((Path(INDEXES["images"]) / "manifest.json").read_text())
@@ -212,6 +214,11 @@ def test_search_over_a_two_shard_index_equals_the_knn_job(service, tmp_path):
     for text_id, text in TEXTS.items():
         hits = post(service, "/search", json={"text": text, "top_k": 7}).json()["results"]
         assert [h["id"] for h in hits] == expected[text_id], text
+    asked = [(text_id, text, 7 if n % 2 else 3) for n, (text_id, text) in enumerate(TEXTS.items())] * 3
+    with ThreadPoolExecutor(len(asked)) as pool:
+        replies = list(pool.map(lambda a: post(service, "/search", json={"text": a[1], "top_k": a[2]}), asked))
+    for (text_id, text, k), reply in zip(asked, replies):
+        assert [h["id"] for h in reply.json()["results"]] == expected[text_id][:k], (text, k)
 
 
 def test_more_like_this_finds_the_item_itself_first(service):
@@ -254,15 +261,17 @@ def test_an_index_of_another_model_is_refused_one_without_a_model_served_with_a_
     assert done.returncode == 2 and len(lines) == 1 and "not of a served checkpoint" in lines[0], done.stderr
 
 
-def test_a_text_index_answers_text_image_and_more_like_this_queries(service):
+def test_a_text_index_searched_by_the_gateway_answers_text_image_and_more_like_this_queries(service):
+    """search_replicas 0: no Search deployment; the Gateway maps the shards and searches itself."""
     from ray import serve
 
     from serve.app import ServeConfig, build_app
 
     config = ServeConfig(checkpoints={"tiny": SERVICE_CHECKPOINTS["tiny"]}, index=INDEXES["texts"], max_replicas=1,
-                         num_cpus=0.25, search_cpus=0.1)
+                         num_cpus=0.25, search_replicas=0)
     serve.run(build_app(config), name="texts", route_prefix="/texts")
     try:
+        assert set(serve.status().applications["texts"].deployments) == {"Gateway", "Encoder"}
         url = (service[0] + "/texts", None)
         for text_id, text in TEXTS.items():  # text -> text: each text finds itself
             assert post(url, "/search", json={"text": text, "top_k": 3}).json()["results"][0]["id"] == text_id
