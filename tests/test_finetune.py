@@ -139,7 +139,7 @@ def test_killed_worker_restores_from_checkpoint_and_finishes(dataset, tmp_path, 
     import os
     import signal
 
-    config = tiny(dataset, tmp_path / "fault", workers=2, max_steps=40, save_step_frequency=2, max_failures=2,
+    config = tiny(dataset, tmp_path / "fault", workers=2, max_steps=32, save_step_frequency=2, max_failures=2,
                   val_data=None)
     killed = []
 
@@ -160,7 +160,7 @@ def test_killed_worker_restores_from_checkpoint_and_finishes(dataset, tmp_path, 
     result = run_finetune(config)
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
-    assert sample_log(result.run_dir) == planned_samples(config, 40)
+    assert sample_log(result.run_dir) == planned_samples(config, 32)
     log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
     assert "=> resumed from checkpoint" in log_text
 

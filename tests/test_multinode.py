@@ -23,7 +23,7 @@ def lmdb(tmp_path_factory):
 def test_workers_spread_over_nodes_and_survive_losing_one(lmdb, tmp_path, ray_cluster):
     # 1.5 CPUs per worker: no 2-CPU node can hold two, so the two workers sit on two nodes.
     config = TrainConfig(train_data=str(lmdb / "train"), vision_model="ViT-Tiny", text_model="BERT-Tiny-chinese",
-                         batch_size=16, max_steps=40, save_step_frequency=2, max_failures=2, workers=2,
+                         batch_size=16, max_steps=32, save_step_frequency=2, max_failures=2, workers=2,
                          cpus_per_worker=1.5, num_workers=1, logs=str(tmp_path), name="multi", lr=1e-3,
                          warmup=2, precision="fp32", record_sample_ids=True)
     removed = []
@@ -51,6 +51,6 @@ def test_workers_spread_over_nodes_and_survive_losing_one(lmdb, tmp_path, ray_cl
         text = log_file.read_text()
         first_placement = first_placement or text
     assert "2 workers on 2 node(s)" in first_placement
-    assert sorted(sample_log(result.run_dir)) == list(range(1, 41))
+    assert sorted(sample_log(result.run_dir)) == list(range(1, 33))
     log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
     assert "=> resumed from checkpoint" in log_text
