@@ -190,11 +190,14 @@ class Trainer:
             if self._due(self.config.zeroshot_frequency, epoch + 1):
                 self.zero_shot()
             self.save(epoch_end=epoch + 1)
+        reported = dict(self.last_validation)
         if self.config.val_data and self.last_validation.get("step") != self.position.global_step:
             self.validate()  # a run stopped mid-epoch by max_steps still ends with a validation, as cn_clip
         if self._zeroshot_step != self.position.global_step:
             self.zero_shot()  # and with a zero-shot evaluation, when asked for
-        if self._saved_step != self.position.global_step:
+        # Also when evaluated after the last checkpoint (a run ending at an epoch's end whose
+        # evaluation was not due): Ray Train's result keeps the metrics of its last checkpoint.
+        if self._saved_step != self.position.global_step or self.last_validation != reported:
             self.save(epoch_end=None, final=True)
         self.logger.finish(self.bad_records)
 
