@@ -66,3 +66,27 @@ def write_features_jsonl(path: Path, features, id_key: str) -> Path:
     from clip_platform.io import write_lines
 
     return write_lines(path, jsonl_lines(features, id_key))
+
+
+def torch_features(tmp_path: Path, struct: str, images=None):
+    """A seeded tiny model of `struct` saved as a checkpoint, four Chinese texts, and the torch
+    backend's features of `images` (default: 5 random uint8 images) and of the texts:
+    (checkpoint, model, images, (tokens, num_tokens), (image features, text features))."""
+    import clip_models
+    import numpy as np
+    import torch
+
+    from clip_platform.batch.embed import ModelEncoder
+
+    torch.manual_seed(0)
+    model = clip_models.create_model(struct).eval()
+    checkpoint = str(clip_models.save_checkpoint(model, tmp_path / "tiny.pt"))
+    if images is None:
+        images = np.random.default_rng(0).integers(0, 256, (5, 3, model.image_size, model.image_size), np.uint8)
+    elif callable(images):
+        images = images(model)
+    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上奔跑", "xyz", "北京的夜景很美"], 52).numpy()
+    num_tokens = (tokens != 0).sum(1)
+    reference = ModelEncoder(checkpoint, backend="torch")
+    expected = reference.encode_images(images), reference.encode_texts(tokens, num_tokens)
+    return checkpoint, model, images, (tokens, num_tokens), expected

@@ -18,7 +18,7 @@ from clip_platform.batch.zeroshot import ImageClassifier
 from clip_platform.deploy import onnx_export
 from clip_platform.deploy.onnx_export import export_graph, graph_path, sample_images, sample_tokens
 from conftest import TINY_RN, TINY_VIT
-from helpers import load_job
+from helpers import load_job, torch_features
 
 BATCHES, LENGTHS = (1, 3, 17), (5, 52)
 
@@ -130,14 +130,7 @@ def graph_cache(tmp_path, monkeypatch):
 
 
 def test_every_backend_gives_the_torch_features_and_exports_once(tmp_path, graph_cache, monkeypatch):
-    torch.manual_seed(0)
-    model = clip_models.create_model(TINY_VIT).eval()
-    checkpoint = str(clip_models.save_checkpoint(model, tmp_path / "tiny.pt"))
-    pixels = np.random.default_rng(0).integers(0, 256, (5, 3, model.image_size, model.image_size), np.uint8)
-    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上奔跑", "xyz", "北京的夜景很美"], 52).numpy()
-    num_tokens = (tokens != 0).sum(1)
-    reference = ModelEncoder(checkpoint, backend="torch")
-    expected = reference.encode_images(pixels), reference.encode_texts(tokens, num_tokens)
+    checkpoint, _, pixels, (tokens, num_tokens), expected = torch_features(tmp_path, TINY_VIT)
 
     exports = []
     real_export = onnx_export.export_graph

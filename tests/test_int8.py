@@ -19,7 +19,7 @@ from clip_platform.batch.embed.config import EmbedConfig
 from clip_platform.deploy import onnx_export
 from clip_platform.deploy.runtimes import choose_backend
 from conftest import TINY_RN, TINY_VIT
-from helpers import load_job
+from helpers import load_job, torch_features
 
 
 @pytest.fixture
@@ -30,14 +30,9 @@ def graph_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("struct", [TINY_VIT, TINY_RN])
 def test_int8_graphs_are_quantized_once_and_close_to_fp32(tmp_path, graph_cache, monkeypatch, struct):
-    torch.manual_seed(0)
-    model = clip_models.create_model(struct).eval()
-    checkpoint = str(clip_models.save_checkpoint(model, tmp_path / "tiny.pt"))
-    images = onnx_export.calibration_images(model, 5, seed=7)  # not the calibration's own images (seed 0)
-    tokens = clip_models.tokenize(["一只猫", "两只狗在草地上奔跑", "xyz", "北京的夜景很美"], 52).numpy()
-    num_tokens = (tokens != 0).sum(1)
-    reference = ModelEncoder(checkpoint, backend="torch")
-    expected = reference.encode_images(images), reference.encode_texts(tokens, num_tokens)
+    # Images the calibration did not see (it uses seed 0).
+    checkpoint, _, images, (tokens, num_tokens), expected = torch_features(
+        tmp_path, struct, lambda model: onnx_export.calibration_images(model, 5, seed=7))
 
     quantized = []
     real = onnx_export.quantize_graph
