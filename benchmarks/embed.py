@@ -232,6 +232,8 @@ def main(argv=None) -> None:
     print(f"{os.cpu_count()} CPUs (native bf16: {cpu_has_bf16()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {args.model} (random weights); {args.images} images, "
           f"{args.texts} texts")
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
         imgs_dir, texts = make_data(workdir, args.images, args.texts)

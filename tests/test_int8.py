@@ -16,7 +16,7 @@ import clip_models
 from clip_platform import cli
 from clip_platform.batch.embed import ModelEncoder
 from clip_platform.batch.embed.config import EmbedConfig
-from clip_platform.deploy import onnx_export
+from clip_platform.deploy import onnx_export, runtimes
 from clip_platform.deploy.runtimes import choose_backend
 from conftest import TINY_RN, TINY_VIT
 from helpers import load_job, torch_features
@@ -88,6 +88,18 @@ def test_int8_where_it_cannot_run_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "--precision int8 runs int8 ONNX graphs" in line, line
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int8_on_a_cpu_with_native_bf16_names_bf16_once(monkeypatch, caplog, native_bf16):
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: native_bf16)
+    runtimes._advise_bf16.cache_clear()
+    for tower in ("img", "txt", "img"):
+        choose_backend("auto", "int8", "cpu", tower)
+    choose_backend("openvino", "int8", "cpu", "img")
+    runtimes._advise_bf16.cache_clear()
+    advice = [r.getMessage() for r in caplog.records if "--precision bf16" in r.getMessage()]
+    assert len(advice) == (1 if native_bf16 else 0), advice
 
 
 def test_export_job_writes_checked_int8_graphs(tmp_path, capsys):
