@@ -133,7 +133,11 @@ def build_index(config: IndexConfig) -> IndexReport:
     with np.load(work.queries) as saved:
         exact_ids = tasks.others(_exact_topk(work, len(inputs.shards)), saved["ids"], TUNE_K)
 
+    began = time.monotonic()
     shards = _write_index(work, inputs, spec, on_disk, live, num_shards, threads)
+    log.info("index files written in %.1f s (%s)", time.monotonic() - began,
+             "partial indexes merged on disk" if on_disk else "filled in one task")
+    began = time.monotonic()
     manifest = {
         "format": "clip_platform index", "count": num_rows, "dim": dim, "metric": "inner_product",
         "factory": spec.factory, "layout": "ondisk" if on_disk else "memory", "search_parameters": {},
@@ -147,8 +151,9 @@ def build_index(config: IndexConfig) -> IndexReport:
     manifest.update(search_parameters=tuned["params"],
                     recall={"k": TUNE_K, "target": config.recall_target, "reached": tuned["recall"],
                             "lower_bound": tuned["lower_bound"], "queries": num_queries, "trials": tuned["trials"]})
-    log.info("%s: recall@%d %.4f (95%% lower bound %.4f) with %s (target %.2f)", spec.factory, TUNE_K,
-             tuned["recall"], tuned["lower_bound"], tuned["params"], config.recall_target)
+    log.info("%s: recall@%d %.4f (95%% lower bound %.4f) with %s (target %.2f), tuned in %.1f s", spec.factory,
+             TUNE_K, tuned["recall"], tuned["lower_bound"], tuned["params"], config.recall_target,
+             time.monotonic() - began)
     work.finish(manifest)
     return report_of(config, manifest, time.perf_counter() - start, reused, nodes)
 
@@ -172,7 +177,7 @@ def run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int
     found = len(results)
     refs = {submit(i): i for i in range(num_shards) if i not in results}
     log.info("%s: %d shard(s) to do, %d finished before", step, len(refs), found)
-    last = time.monotonic()
+    began = last = time.monotonic()
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
@@ -185,6 +190,7 @@ def run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int
     finally:
         for ref in refs:  # interrupted or failed: stop the rest, their finished files stay
             ray.cancel(ref)
+    log.info("%s: %d shard(s) done in %.1f s", step, num_shards - found, time.monotonic() - began)
     return results, found
 
 
