@@ -143,13 +143,16 @@ class OpenVINOTower(GraphTower):
         import openvino
 
         core = openvino.Core()
-        core.set_property({"CACHE_DIR": str(path.parent / "openvino")})  # compiled blobs: later starts skip compiling
         # int8 graphs: the int8 kernels, and bf16 for the rest where the CPU has it.
         capability, hint = _OPENVINO_HINTS.get("bf16" if precision == INT8 else precision, ("FP32", "f32"))
         if capability not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             if precision != INT8:
                 log.info("OpenVINO: this CPU has no %s instructions: computing in fp32", capability)
             hint = "f32"
+        # Compiled blobs, so later starts skip compiling: one folder per inference precision. In a
+        # shared folder, the bf16 compile of a graph compiled in f32 before gave NaN image features
+        # (OpenVINO 2026.4, a CPU with AMX: tests/test_export.py's backend test, ViT-Tiny).
+        core.set_property({"CACHE_DIR": str(path.parent / "openvino" / hint)})
         # No pinning of its threads to cores: the node's decode tasks and other processes share
         # them, and a pinned thread waiting for its core stalls the whole inference (measured with
         # the 2-core machine busy, ViT-B-16 int8, batch 16, interleaved: 2.3 images/s pinned
