@@ -149,6 +149,17 @@ def test_every_backend_gives_the_torch_features_and_exports_once(tmp_path, graph
     assert sorted(exports) == [("img", "fp16"), ("img", "fp32"), ("txt", "fp16"), ("txt", "fp32")]
 
 
+def test_a_runtime_that_computes_nan_stops_the_encoder(tmp_path):
+    checkpoint, _, pixels, (tokens, num_tokens), _ = torch_features(tmp_path, TINY_VIT)
+    encoder = ModelEncoder(checkpoint, backend="torch", precision="fp32")
+    encoder.graphs = {"img": lambda array: np.where(np.arange(len(array))[:, None] == 1, np.nan, 1.0)
+                      .astype(np.float32) * np.ones((1, 8), np.float32)}
+    with pytest.raises(RuntimeError, match=r"image encoder \(torch, fp32\) computed NaN or infinite features "
+                                           r"for 1 of 2 inputs"):
+        encoder.encode_images(pixels[:2])
+    assert np.isfinite(encoder.encode_texts(tokens, num_tokens)).all()
+
+
 def test_zero_shot_classifier_on_a_graph_backend(tmp_path, graph_cache):
     torch.manual_seed(0)
     model = clip_models.create_model(TINY_VIT).eval()

@@ -126,6 +126,27 @@ class ModelEncoder:
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """Normalised features of images [N, 3, S, S] (uint8 pixels or preprocessed floats)."""
+        return self._finite(self._encode_images(images), IMAGE)
+
+    def encode_texts(self, tokens: np.ndarray, num_tokens: np.ndarray | None = None) -> np.ndarray:
+        """Normalised features of 0-padded token ids [N, L], cut to the longest text (`num_tokens`)."""
+        if TEXT in self.graphs:
+            features = normalise(torch.from_numpy(self.graphs[TEXT](trim_tokens(tokens, num_tokens))))
+        else:
+            with self.linears[TEXT]:
+                features = encode_texts(self.model, tokens, num_tokens, self.precision)
+        return self._finite(features, TEXT)
+
+    def _finite(self, features: np.ndarray, tower: str) -> np.ndarray:
+        """The features, or RuntimeError where a runtime computed NaN or infinities: a NaN feature
+        would scramble every top-k it meets, so it is never written or served."""
+        if not np.isfinite(features).all():
+            raise RuntimeError(f"the {'image' if tower == IMAGE else 'text'} encoder ({self.backend}, "
+                               f"{self.precision}) computed NaN or infinite features for "
+                               f"{int((~np.isfinite(features).all(axis=1)).sum())} of {len(features)} inputs")
+        return features
+
+    def _encode_images(self, images: np.ndarray) -> np.ndarray:
         if IMAGE in self.graphs:
             return normalise(torch.from_numpy(self.graphs[IMAGE](image_floats(images))))
         try:
@@ -139,13 +160,6 @@ class ModelEncoder:
             self.linears[IMAGE] = self._fast_linears(IMAGE)
             with self.linears[IMAGE]:
                 return encode_images(self.model, images, self.precision)
-
-    def encode_texts(self, tokens: np.ndarray, num_tokens: np.ndarray | None = None) -> np.ndarray:
-        """Normalised features of 0-padded token ids [N, L], cut to the longest text (`num_tokens`)."""
-        if TEXT in self.graphs:
-            return normalise(torch.from_numpy(self.graphs[TEXT](trim_tokens(tokens, num_tokens))))
-        with self.linears[TEXT]:
-            return encode_texts(self.model, tokens, num_tokens, self.precision)
 
 
 class Encoder(ModelEncoder):
