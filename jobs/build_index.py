@@ -5,7 +5,7 @@ search parameters tuned to --recall-target; an interrupted build resumes.
 
     ray job submit --working-dir . -- python jobs/build_index.py \
         --features features/corpus/images --output indexes/corpus [--max-index-memory 4GB] \
-        [--index auto|flat|hnsw|ivf|FACTORY] [--num-shards N] [--recall-target 0.95]
+        [--index auto|flat|hnsw|ivf|fast|FACTORY] [--num-shards N] [--recall-target 0.95]
     python jobs/build_index.py --output indexes/corpus --add --features features/more/images
     python jobs/build_index.py --output indexes/corpus --remove-ids takedown.txt   # one id a line
 

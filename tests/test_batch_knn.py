@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.faiss_index import temporary_factory
+from clip_platform.batch.faiss_index import choose_served_index, temporary_factory
 from clip_platform.batch.features import Features, write_features_parquet
+from clip_platform.batch import knn
 from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search, recall_at_k
 from helpers import load_job, write_features_jsonl
 from test_batch_features import brute_force, tied_features
@@ -75,7 +76,9 @@ def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "flat", "IVF8,PQ4x4fs"])
-def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tmp_path, kind):
+def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tmp_path, monkeypatch, kind):
+    # The corpus is streamed (into the build, then past the recall sample), never loaded whole.
+    monkeypatch.setattr(knn, "load_corpus", lambda *args: pytest.fail("--index faiss loaded the corpus"))
     write_features_parquet(tmp_path / "img.parquet", Features(np.arange(3000, dtype=np.int64), clustered(3000)))
     write_features_parquet(tmp_path / "txt.parquet", Features(np.arange(50, dtype=np.int64), clustered(50, seed=1)))
     report = knn_search(KnnConfig(str(tmp_path / "img.parquet"), str(tmp_path / "txt.parquet"),
@@ -87,6 +90,7 @@ def test_faiss_writes_predictions_and_reports_recall_against_exact(ray_local, tm
 
 
 def test_a_temporary_index_is_chosen_to_build_fast():
+    assert choose_served_index(1_000_000, 512, 1 << 40, "fast")[0].factory == "IVF128,PQ64x4fs"
     assert temporary_factory(10_000, 512) == "HNSW32,Flat"
     assert temporary_factory(1_000_000, 512) == "IVF128,PQ64x4fs"  # few lists, 4-bit fast-scan codes
     assert temporary_factory(60_000, 6) == "IVF32,Flat"  # no PQ grouping of 6 dimensions

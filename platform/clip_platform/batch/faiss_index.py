@@ -24,7 +24,7 @@ HNSW_MAX_ROWS = 50_000  # temporary index, auto: HNSW below this many corpus row
 MIN_TRAIN_PER_LIST = 39  # FAISS's k-means warns with fewer training points per centroid
 TRAIN_PER_LIST = 64  # training rows per IVF list: enough for k-means, keeps training to seconds
 IVF_LISTS_DIVISOR = 8  # temporary IVF index: sqrt(N) / this lists (1M rows: 128)
-KINDS = ("auto", "flat", "hnsw", "ivf")
+KINDS = ("auto", "flat", "hnsw", "ivf", "fast")  # fast: temporary_factory's, for an index used once
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,16 @@ PQ_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16)  # PQ code sizes tried, fines
 def choose_served_index(num_rows: int, dim: int, max_memory: int, kind: str = "auto",
                         num_shards: int = 0, train_bytes: int = TRAIN_BYTES) -> tuple[FaissSpec, int]:
     """(index, number of index shards) for a persistent index over `num_rows` x `dim` that may
-    take `max_memory` bytes when served. `kind` is auto|flat|hnsw|ivf or a faiss factory
-    string. "flat" is one inverted list scanned whole: exact, and memory-mapped like IVF.
+    take `max_memory` bytes when served. `kind` is auto|flat|hnsw|ivf|fast or a faiss factory
+    string. "flat" is one inverted list scanned whole: exact, and memory-mapped like IVF;
+    "fast" is `temporary_factory`'s choice, for an index built to be used once.
     Shards: `num_shards`, or (0) as many as it takes for each to fit `max_memory`. The training
     sample may take `train_bytes`, which caps the lists at train_bytes / (39 x 4 x dim)."""
     if num_rows <= 0:
         raise ValueError("cannot build an index over an empty corpus")
     max_train = max(1, min(num_rows, train_bytes // (4 * dim)))
+    if kind == "fast":
+        kind = temporary_factory(num_rows, dim)
     if kind == "auto":
         fits_flat = num_rows * (4 * dim + ID_BYTES) <= max_memory
         kind = "flat" if num_rows < SERVED_FLAT_MAX_ROWS and fits_flat else "ivf"

@@ -13,7 +13,9 @@ FAISS (`--index faiss`): a temporary index is built beside the output file throu
 jobs/build_index.py's code (over the cluster, in bounded memory, its search parameters
 tuned to --recall-target), searched as a built index, and deleted; then the recall
 of its results against exact search is measured on a random sample of queries and
-reported. On a multi-node cluster the output's folder must be shared, as for a built index.
+reported, the corpus streamed shard by shard past the sample (it is never loaded: the
+job's memory does not grow with the corpus). On a multi-node cluster the output's folder
+must be shared, as for a built index.
 
 A built index (`--index DIR`): the corpus is the index, so only the query
 features are read; each query block is a task that memory-maps the index and
@@ -36,7 +38,6 @@ import ray
 
 from .. import config as config_io
 from ..index.search import open_index, read_manifest
-from .faiss_index import temporary_factory
 from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
 from .predictions import KEYS, MODES, PredictionWriter, check_mode
 from .runtime import ensure_ray, get, node_id
@@ -142,7 +143,9 @@ def _load_shard(shard: FeatureShard) -> tuple[Features, tuple[np.ndarray, int]]:
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
-def _partial_topk(queries: np.ndarray, shard: Features, k: int, chunk_rows: int):
+def _partial_topk(queries: np.ndarray, shard: Features | FeatureShard, k: int, chunk_rows: int):
+    if isinstance(shard, FeatureShard):  # a streamed corpus: read here, dropped after
+        shard = shard.read()
     scores, ids = exact_topk(queries, shard.vectors, shard.ids, k, chunk_rows)
     return scores, ids, (node_id(),)
 
@@ -163,7 +166,7 @@ def _search_built(directory: str, queries: np.ndarray, k: int):
 
 @dataclass
 class Corpus:
-    shards: list  # ObjectRefs of Features, one per non-empty shard
+    shards: list  # ObjectRefs of Features, one per non-empty shard; or FeatureShards, read by each search task
     num_rows: int
     dim: int
 
@@ -229,16 +232,15 @@ class TemporaryIndexSearch(BuiltIndexSearch):
     """`--index faiss`: an index built by jobs/build_index.py's code in a folder beside the
     output, searched like a built one, deleted when the job ends."""
 
-    def __init__(self, config: KnnConfig, corpus: Corpus, k: int):
+    def __init__(self, config: KnnConfig, k: int):
         from ..index import IndexConfig
         from ..index.build import build_index
 
-        kind = temporary_factory(corpus.num_rows, corpus.dim) if config.faiss_index == "auto" else config.faiss_index
+        kind = "fast" if config.faiss_index == "auto" else config.faiss_index  # fast: temporary_factory's choice
         folder = os.path.dirname(os.path.abspath(config.output))
         self.temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(config.output)}.faiss-", dir=folder)
         try:
-            log.info("building a temporary FAISS index (%s) over %d x %d in %s", kind, corpus.num_rows, corpus.dim,
-                     self.temporary)
+            log.info("building a temporary FAISS index (%s) over %s in %s", kind, config.corpus_path, self.temporary)
             report = build_index(IndexConfig(
                 (config.corpus_path,), os.path.join(self.temporary, "index"), index=kind, max_index_memory="1TB",
                 recall_target=config.recall_target, rows_per_shard=config.corpus_shard_size, seed=config.seed))
@@ -314,21 +316,29 @@ def knn_search(config: KnnConfig) -> KnnReport:
     """Write the top-k predictions of every query to `config.output` (cn_clip's JSONL)."""
     ensure_ray()
     start = time.perf_counter()
-    built = BuiltIndexSearch(config.built_index, config.top_k) if config.built_index else None
-    corpus = built or load_corpus(config.corpus_path, config.corpus_key, config.corpus_shard_size)
+    search = corpus = exact = None
+    if config.built_index:
+        search = corpus = BuiltIndexSearch(config.built_index, config.top_k)
+    elif config.index == "faiss":  # the index stands for the corpus, streamed past the recall sample
+        search = TemporaryIndexSearch(config, config.top_k)
+        shards = plan_shards(config.corpus_path, config.corpus_shard_size, config.corpus_key)
+        corpus = Corpus([shard for shard in shards if shard.num_rows], search.num_rows, search.dim)
+    else:
+        corpus = load_corpus(config.corpus_path, config.corpus_key, config.corpus_shard_size)
     loaded = time.perf_counter()
-    k = min(config.top_k, corpus.num_rows)
-    if k < config.top_k:
-        log.warning("the corpus has only %d entries: predicting %d per query, not %d", corpus.num_rows, k,
-                    config.top_k)
-    blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
-                             corpus.dim, config.query_path)
-    exact = None if built else ExactSearch(corpus, k, config.eval_batch_size)
-    search = built or (exact if config.index == "exact" else TemporaryIndexSearch(config, corpus, k))
-    sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
-    searched = time.perf_counter()
     nodes: set[str] = set()
     try:
+        k = min(config.top_k, corpus.num_rows)
+        if k < config.top_k:
+            log.warning("the corpus has only %d entries: predicting %d per query, not %d", corpus.num_rows, k,
+                        config.top_k)
+        blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
+                                 corpus.dim, config.query_path)
+        if not config.built_index:
+            exact = ExactSearch(corpus, k, config.eval_batch_size)
+        search = search or exact
+        sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
+        searched = time.perf_counter()
         with PredictionWriter(config.output, config.mode) as writer:
             for block, (_, ids, block_nodes) in in_order(blocks, search.submit, config.max_inflight_blocks):
                 nodes.update(block_nodes)
@@ -336,7 +346,8 @@ def knn_search(config: KnnConfig) -> KnnReport:
                 sample.add(block, ids)
                 log.info("%d queries done", writer.num_lines)
     finally:
-        search.close()
+        if search is not None:
+            search.close()
     written = time.perf_counter()
     recall = None
     if len(sample.queries):
@@ -345,7 +356,7 @@ def knn_search(config: KnnConfig) -> KnnReport:
         log.info("%s: recall@%d vs exact on %d sampled queries = %.4f", search.description, k,
                  len(sample.queries), recall)
     report = KnnReport(config.output, config.mode, search.description, writer.num_lines, corpus.num_rows, k,
-                       seconds=time.perf_counter() - start, load_seconds=loaded - start,
+                       seconds=time.perf_counter() - start, load_seconds=loaded - start - search.build_seconds,
                        build_seconds=search.build_seconds, search_seconds=written - searched, recall=recall,
                        recall_queries=len(sample.queries), num_nodes=len(nodes))
     log.info("top-%d %s predictions for %d queries over %d entries -> %s (%.1f s, %d node(s))", k, config.mode,

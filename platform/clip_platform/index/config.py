@@ -28,7 +28,7 @@ class IndexConfig:
     output: str = ""  # index directory (an interrupted build of the same input resumes there)
     add: bool = False  # add --features to the index in --output, encoded with its trained quantizers
     remove_ids: str = ""  # FILE of ids (one a line) to remove from the index in --output
-    index: str = "auto"  # auto (from corpus size and --max-index-memory), flat, hnsw, ivf, or a faiss factory string
+    index: str = "auto"  # auto (from corpus size and --max-index-memory), flat, hnsw, ivf, fast (quick to build, for one use), or a faiss factory string
     max_index_memory: str = "4GB"  # memory the served index may take (codes and ids); more splits it in shards
     num_shards: int = 0  # index shards to write (0: one, or as many as --max-index-memory asks for)
     recall_target: float = 0.95  # recall@10 against exact search that the search parameters are tuned to
