@@ -80,7 +80,7 @@ class Gateway:
         self.searchers, self.index_model = searchers or [], index_model
         # The id table and stored vectors (metadata of hits, vectors for more-like-this), and the
         # shards only when no Search deployment holds them (search_replicas 0).
-        self.index = open_index(config.index, shards=None if not searchers else []) if config.index else None
+        self.index = open_index(config.index, shards=[] if searchers else None) if config.index else None
         self.images = ImageStore(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()

@@ -280,8 +280,8 @@ def quantize_graph(source: str | os.PathLike, model: clip_models.CLIP, tower: st
     output channel). Measured on 2 cores with VNNI (ViT-B-16, RoBERTa-base; README): text graphs
     are quantized dynamically (each batch's activation ranges computed as it runs: no calibration;
     ONNX Runtime 3x torch fp32, cosine 0.9996), image graphs statically, their activation ranges
-    calibrated once on `calibration_images` (QDQ: OpenVINO runs them as int8 kernels throughout,
-    2.9x its fp32, cosine 0.9998; dynamic image graphs gained nothing in either runtime)."""
+    calibrated once on `calibration_images` (QDQ: OpenVINO runs their linear layers and the patch
+    convolution as int8 kernels, the attention products in f32; 2.9x its fp32, cosine 0.9998; dynamic image graphs gained nothing in either runtime)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
 

@@ -6,10 +6,9 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
-from ...deploy.runtimes import choose_backend
 from ...io import write_json
 from ...model_info import ModelInfo, inspect_model
 from ..embed_source import IMAGES, TEXTS, CorpusPlan, plan_corpus
@@ -63,9 +62,6 @@ def _json_roundtrip(value: Any) -> Any:
 
 def embed_target(target: Target, config: EmbedConfig, model: ModelInfo, resources: EncoderResources) -> EmbedReport:
     start = time.perf_counter()
-    tower = IMAGE if target.modality == IMAGES else TEXT
-    resources = replace(resources, backend=choose_backend(config.backend, config.precision,
-                                                          "cuda" if resources.num_gpus else "cpu", tower))
     store = ShardStore(target.shards_dir, target.modality, target.format)
     plan = prepare_plan(store, target, config, model, resources.backend)
     done = store.finished(plan.num_shards)
@@ -103,7 +99,8 @@ def embed(config: EmbedConfig) -> list[EmbedReport]:
     """Embed the requested corpora; one report per modality (texts first, as cn_clip)."""
     model = inspect_model(config.model_source)
     ensure_ray()
-    resources = encoder_resources(config)
     log.info("model %s from %s, precision %s, backend %s", model.name, model.source, config.precision,
              config.backend)
-    return [embed_target(target, config, model, resources) for target in targets(config)]
+    return [embed_target(target, config, model,
+                         encoder_resources(config, IMAGE if target.modality == IMAGES else TEXT))
+            for target in targets(config)]
