@@ -40,11 +40,12 @@ import torch
 
 import clip_models
 from clip_models._torch_compat import inductor_freezing
-from clip_platform.batch.embed import EmbedConfig, ModelEncoder, embed
-from clip_platform.batch.features import read_features
+from clip_platform.batch.embed import EmbedConfig, embed
+from clip_platform.encode import ModelEncoder
+from clip_platform.data.features import read_features
 from clip_platform.data import SyntheticConfig, make_synthetic
 from clip_platform.data.synthetic import TEMPLATES, all_scenes
-from clip_platform.deploy.runtimes import cpu_has_bf16
+from clip_platform.encode.backends import cpu_has_bf16
 
 BASELINE_BATCH = 32
 BASELINE_CONTEXT = 52

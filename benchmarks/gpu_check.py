@@ -90,7 +90,7 @@ def embed_backends(checkpoint: Path, clock: Clock) -> dict:
     import onnxruntime
 
     import clip_models
-    from clip_platform.batch.embed import ModelEncoder
+    from clip_platform.encode import ModelEncoder
 
     rng = np.random.default_rng(0)
     reference = ModelEncoder(str(checkpoint), precision="fp32", backend="torch")

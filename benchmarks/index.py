@@ -40,9 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knn import DIM, ClusteredEmbeddings, write_shards  # noqa: E402  (benchmarks/ is no package)
 
-from clip_platform.batch.features import iter_feature_blocks  # noqa: E402
-from clip_platform.batch.knn import recall_at_k  # noqa: E402
-from clip_platform.batch.topk import exact_topk, merge_topk  # noqa: E402
+from clip_platform.data.features import iter_feature_blocks  # noqa: E402
+from clip_platform.index.recall import recall_at_k  # noqa: E402
+from clip_platform.index.topk import exact_topk, merge_topk  # noqa: E402
 from clip_platform.index import IndexConfig, open_index  # noqa: E402
 from clip_platform.index.build import build_index  # noqa: E402
 from clip_platform.index.config import parse_bytes  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 import ray
 import torch
 
-from clip_platform.batch.features import Features, write_features_parquet
+from clip_platform.data.features import Features, write_features_parquet
 from clip_platform.batch.knn import KnnConfig, knn_search
 
 DIM = 512

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip_platform.batch.precision import ENCODER_PRECISIONS
-from clip_platform.deploy.runtimes import BACKENDS, check_backend
+from clip_platform.encode.precision import ENCODER_PRECISIONS
+from clip_platform.encode.backends import BACKENDS, check_backend
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class Encoder:
     def _load(self, name: str):
         """(the checkpoint's encoder on the configured backend, its image preprocessing)."""
         import clip_models
-        from clip_platform.batch.embed.encoder import ModelEncoder
+        from clip_platform.encode.encoder import ModelEncoder
 
         log.info("loading model %r from %s (backend %s, precision %s)", name, self.config.checkpoints[name],
                  self.config.backend, self.config.precision)
@@ -77,10 +77,10 @@ class Encoder:
 
     async def classify(self, labels: list[str], templates: list[str], image: bytes) -> tuple[list[float] | None, str | None]:
         """Zero-shot probabilities of `labels` for the image, as jobs/zeroshot.py computes them
-        (clip_platform.batch.classifier), or None and why the image could not be read."""
+        (clip_platform.encode.classifier), or None and why the image could not be read."""
         import torch
 
-        from clip_platform.batch import classifier
+        from clip_platform.encode import classifier
 
         texts = classifier.prompts(labels, templates)
         parts = await asyncio.gather(self._image_batch([image]), *[

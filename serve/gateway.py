@@ -19,8 +19,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from clip_platform.batch.templates import PLACEHOLDER, ZH_TEMPLATES
-from clip_platform.batch.topk import merge_topk
+from clip_platform.encode.templates import PLACEHOLDER, ZH_TEMPLATES
+from clip_platform.index.topk import merge_topk
 from clip_platform.index import open_index
 
 from .batching import chunks

@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import UploadFile
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from clip_platform.batch.templates import PLACEHOLDER
+from clip_platform.encode.templates import PLACEHOLDER
 
 from .images import decode_base64_image, is_data_uri
 

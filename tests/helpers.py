@@ -62,7 +62,7 @@ def write_tar_shards(folder: Path, samples, per_shard: int = 4) -> list[Path]:
 def write_features_jsonl(path: Path, features, id_key: str) -> Path:
     """cn_clip's feature JSONL (its extract_features.py output) from a Features block: the
     lines the embed job writes, as an input file for the KNN and Serve tests."""
-    from clip_platform.batch.features import jsonl_lines
+    from clip_platform.data.features import jsonl_lines
     from clip_platform.io import write_lines
 
     return write_lines(path, jsonl_lines(features, id_key))
@@ -76,7 +76,7 @@ def torch_features(tmp_path: Path, struct: str, images=None):
     import numpy as np
     import torch
 
-    from clip_platform.batch.embed import ModelEncoder
+    from clip_platform.encode import ModelEncoder
 
     torch.manual_seed(0)
     model = clip_models.create_model(struct).eval()

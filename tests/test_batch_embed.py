@@ -18,14 +18,15 @@ from PIL import Image
 import clip_models
 from clip_models._torch_compat import packed_linear_ops
 from clip_models.packed import PackedLinears
-from clip_platform.batch import embed_store
-from clip_platform.batch.embed import encoder as encoder_module
-from clip_platform.batch.embed import EmbedConfig, compiled_image_forward, encode_images, encode_texts
-from clip_platform.batch.embed_source import IMAGES, MARKER_ROW, TEXTS
+from clip_platform.batch.embed import store as embed_store
+from clip_platform.batch.embed import EmbedActor, EmbedConfig
+from clip_platform.encode import compiled_image_forward, encode_images, encode_texts
+from clip_platform.encode import encoder as encoder_module
+from clip_platform.batch.embed.source import IMAGES, MARKER_ROW, TEXTS
 from clip_platform.data.records import stable_id
-from clip_platform.batch.embed_store import ShardAssembler, ShardStore
-from clip_platform.batch.evaluate import compute_recall
-from clip_platform.batch.features import Features, read_features
+from clip_platform.batch.embed.store import ShardAssembler, ShardStore
+from clip_platform.index.recall import compute_recall
+from clip_platform.data.features import Features, read_features
 from clip_platform.data import SyntheticConfig, iter_texts, make_synthetic
 from helpers import load_job, write_tar_shards
 
@@ -383,7 +384,7 @@ def test_without_inductor_freezing_the_encoder_runs_eager(corpus, monkeypatch):
     _, checkpoint, model = corpus
     monkeypatch.setattr(encoder_module, "inductor_freezing", lambda: None)  # what _torch_compat gives then
     assert compiled_image_forward(model, batch_size=4) is None
-    encoder = encoder_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    encoder = EmbedActor(str(checkpoint), IMAGES, "fp32", compile_batch=4)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
     assert encoder.forward is None
     np.testing.assert_allclose(encoder.encode_images(pixels), encode_images(model, pixels), atol=2e-6)
@@ -398,7 +399,7 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
         return forward
 
     monkeypatch.setattr(encoder_module, "compiled_image_forward", broken_compile)
-    encoder = encoder_module.Encoder(str(checkpoint), IMAGES, "fp32", compile_batch=4)
+    encoder = EmbedActor(str(checkpoint), IMAGES, "fp32", compile_batch=4)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 3, model.image_size, model.image_size), np.uint8)
     features = encoder.encode_images(pixels)
     assert encoder.forward is None  # later batches go straight to eager
@@ -407,7 +408,7 @@ def test_encoder_falls_back_to_eager_when_compiling_fails(corpus, monkeypatch):
 
 def test_bf16_cpu_encoder_gives_the_direct_autocast_features(corpus):
     _, checkpoint, model = corpus
-    encoder = encoder_module.Encoder(str(checkpoint), TEXTS, "bf16")
+    encoder = EmbedActor(str(checkpoint), TEXTS, "bf16")
     assert isinstance(encoder.linears["txt"], PackedLinears) == (packed_linear_ops("cpu") is not None)
     tokens = clip_models.tokenize(["一只猫", "两只狗在草地上", "xyz"])
     num_tokens = (tokens != 0).sum(1)
@@ -478,7 +479,7 @@ def test_config_validates_user_mistakes():
 
 def test_webdataset_corpus_rows_are_estimated_from_the_shards(tmp_path):
     """--compile auto and the progress figures need a row estimate: samples, not shard files."""
-    from clip_platform.batch.embed_source import plan_corpus
+    from clip_platform.batch.embed.source import plan_corpus
 
     write_tar_shards(tmp_path, [(f"{i:06d}", jpeg((i, i, i)), "文字") for i in range(30)], per_shard=10)
     plan = plan_corpus(f"{tmp_path}/*.tar", IMAGES, rows_per_shard=10000)

@@ -17,7 +17,7 @@ from PIL import Image
 
 import clip_models
 from clip_platform.batch.embed import EmbedConfig, embed
-from clip_platform.batch.features import read_features
+from clip_platform.data.features import read_features
 from conftest import TINY_VIT
 
 pytestmark = pytest.mark.slow

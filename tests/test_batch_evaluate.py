@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.evaluate import EvaluateConfig, compute_recall, evaluate, transform_annotations
+from clip_platform.batch.evaluate import EvaluateConfig, evaluate, transform_annotations
+from clip_platform.index.recall import compute_recall
 from clip_platform.batch.predictions import read_annotations, read_predictions
 from helpers import load_job
 

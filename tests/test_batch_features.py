@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clip_platform.batch.features import (Features, features_table, iter_feature_blocks, plan_shards,
+from clip_platform.data.features import (Features, features_table, iter_feature_blocks, plan_shards,
                                           read_feature_file, read_features, write_features_parquet)
-from clip_platform.batch.topk import chunk_topk, exact_topk, merge_topk
+from clip_platform.index.topk import chunk_topk, exact_topk, merge_topk
 from helpers import write_features_jsonl
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.faiss_index import choose_served_index, temporary_factory
-from clip_platform.batch.features import Features, write_features_parquet
+from clip_platform.index.faiss_index import choose_served_index, temporary_factory
+from clip_platform.data.features import Features, write_features_parquet
 from clip_platform.batch import knn
-from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search, recall_at_k
+from clip_platform.batch.knn import KnnConfig, QuerySample, knn_search
+from clip_platform.index.recall import recall_at_k
 from helpers import load_job, write_features_jsonl
 from test_batch_features import brute_force, tied_features
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 import clip_models
 from clip_platform import cli
-from clip_platform.batch.templates import ZH_TEMPLATES, fill, load_templates
-from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig, class_embeddings, decode_images, zeroshot
+from clip_platform.encode.templates import ZH_TEMPLATES, fill, load_templates
+from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig, zeroshot
+from clip_platform.encode.classifier import class_embeddings, decode_images
 from clip_platform.data import zeroshot_images
 from helpers import load_job
 

@@ -12,7 +12,7 @@ import torch
 
 import clip_models
 from clip_platform import cli
-from clip_platform.batch.embed import ModelEncoder
+from clip_platform.encode import ModelEncoder
 from clip_platform.batch.embed.config import EmbedConfig
 from clip_platform.batch.zeroshot import ImageClassifier
 from clip_platform.deploy import onnx_export

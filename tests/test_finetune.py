@@ -351,7 +351,7 @@ def test_lora_trackers_zero_shot_and_long_texts_in_one_run(dataset, tmp_path, ra
     texts.write_text(json.dumps({"text_id": 1, "text": "红色的圆形" * 20}, ensure_ascii=False) + "\n")
     load_job("embed").main(["--extract-text-feats", "--text-data", str(texts), "--resume", str(result.checkpoint),
                             "--context-length", "128", "--output-dir", str(tmp_path / "emb")])
-    from clip_platform.batch.features import read_features
+    from clip_platform.data.features import read_features
 
     got = read_features(tmp_path / "emb" / "texts").vectors[0]
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import clip_models
-from clip_platform.batch.embed import encode_images, encode_texts
+from clip_platform.encode import encode_images, encode_texts
 from clip_platform.train import TrainConfig, run_finetune
 from helpers import synthetic_lmdb
 
@@ -93,7 +93,7 @@ def test_onnxruntime_gpu_backend_matches_torch(tmp_path):
         pytest.skip("onnxruntime-gpu is not installed")
     import numpy as np
 
-    from clip_platform.batch.embed import ModelEncoder
+    from clip_platform.encode import ModelEncoder
 
     model = clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese").eval()
     images, tokens = inputs(model)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_platform import cli
-from clip_platform.batch.faiss_index import choose_served_index, served_bytes
-from clip_platform.batch.features import Features, features_table, write_features_parquet
-from clip_platform.batch.knn import recall_at_k
-from clip_platform.batch.topk import exact_topk
+from clip_platform.index.faiss_index import choose_served_index, served_bytes
+from clip_platform.data.features import Features, features_table, write_features_parquet
+from clip_platform.index.recall import recall_at_k
+from clip_platform.index.topk import exact_topk
 from clip_platform.index import IndexConfig, open_index
 from clip_platform.index import build as index_build
 from clip_platform.index import metadata

@@ -14,10 +14,11 @@ import torch
 
 import clip_models
 from clip_platform import cli
-from clip_platform.batch.embed import ModelEncoder
+from clip_platform.encode import ModelEncoder
 from clip_platform.batch.embed.config import EmbedConfig
-from clip_platform.deploy import onnx_export, runtimes
-from clip_platform.deploy.runtimes import choose_backend
+from clip_platform.deploy import onnx_export
+from clip_platform.encode import backends as runtimes
+from clip_platform.encode.backends import choose_backend
 from conftest import TINY_RN, TINY_VIT
 from helpers import load_job, torch_features
 

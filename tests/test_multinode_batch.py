@@ -18,7 +18,7 @@ import clip_models
 from clip_platform.batch.embed import pipeline as pipeline_module
 from clip_platform.batch import knn as knn_module
 from clip_platform.batch.embed import EmbedConfig, embed
-from clip_platform.batch.features import Features, read_features, write_features_parquet
+from clip_platform.data.features import Features, read_features, write_features_parquet
 from clip_platform.batch.knn import KnnConfig, knn_search
 from conftest import TINY_VIT
 

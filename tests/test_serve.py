@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 import clip_models
-from clip_platform.batch.features import Features
-from clip_platform.batch.templates import load_templates
+from clip_platform.data.features import Features
+from clip_platform.encode.templates import load_templates
 from conftest import TINY_VIT, start_local_ray
 from helpers import load_job, write_features_jsonl
 
@@ -83,7 +83,7 @@ def build_index(folder: Path, features: Features, checkpoint: str | None, **opti
     """An index over `features` as the embed job writes them (a Parquet shard and, when
     `checkpoint` is given, the _plan.json recording its model), built by jobs/build_index.py's code."""
     from clip_platform.model_info import inspect_model
-    from clip_platform.batch.features import write_features_parquet
+    from clip_platform.data.features import write_features_parquet
     from clip_platform.index import IndexConfig
     from clip_platform.index.build import build_index as build
 
@@ -285,7 +285,8 @@ def test_a_text_index_searched_by_the_gateway_answers_text_image_and_more_like_t
 def test_classify_gives_the_zero_shot_jobs_probabilities(service):
     """Same image, labels and checkpoint: /classify and the zero-shot job's classifier and
     mapper (its default Chinese templates and precision) agree to 1e-4."""
-    from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig, class_embeddings, decode_images
+    from clip_platform.batch.zeroshot import ImageClassifier, ZeroShotConfig
+    from clip_platform.encode.classifier import class_embeddings, decode_images
 
     labels = ["红色的圆形", "蓝色的正方形", "绿色的三角形", "一只猫"]
     checkpoint = SERVICE_CHECKPOINTS["other"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import config as config_io
+from ..index.recall import compute_recall
 from ..io import write_json, write_lines
 from .predictions import (MODES, check_mode, iter_annotations, looks_like, read_annotations, read_predictions,
                           transform_t2i_to_i2t)
@@ -39,52 +40,6 @@ class EvaluateConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name} path is required")
         config_io.check_output(self.output, "OUT")
-
-
-@dataclass(frozen=True)
-class Recall:
-    """Hit counts at 1/5/10 over `num_queries` queries."""
-
-    hits1: int
-    hits5: int
-    hits10: int
-    num_queries: int
-
-    # The arithmetic below is cn_clip's, operation for operation, so the floats are bit-identical.
-    @property
-    def r1(self) -> float:
-        return self.hits1 * 1.0 / self.num_queries
-
-    @property
-    def r5(self) -> float:
-        return self.hits5 * 1.0 / self.num_queries
-
-    @property
-    def r10(self) -> float:
-        return self.hits10 * 1.0 / self.num_queries
-
-    @property
-    def mean_recall(self) -> float:
-        return (self.r1 + self.r5 + self.r10) / 3.0
-
-    def to_json(self) -> dict:
-        """cn_clip's report_score dict."""
-        mean = self.mean_recall
-        return {"success": True, "score": mean * 100,
-                "scoreJson": {"score": mean * 100, "mean_recall": mean * 100, "r1": self.r1 * 100,
-                              "r5": self.r5 * 100, "r10": self.r10 * 100}}
-
-
-def compute_recall(reference: dict[int, list[int]], predictions: dict[int, list[int]]) -> Recall:
-    if not reference:
-        raise ValueError("the ground truth holds no queries")
-    hits = [0, 0, 0]
-    for query_id, relevant in reference.items():
-        ranked = predictions[query_id]
-        for slot, k in enumerate((1, 5, 10)):
-            top = ranked[:k]
-            hits[slot] += any(i in top for i in set(relevant))
-    return Recall(*hits, num_queries=len(reference))
 
 
 def error_json(message: str) -> dict:

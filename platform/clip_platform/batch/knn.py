@@ -38,10 +38,11 @@ import ray
 
 from .. import config as config_io
 from ..index.search import open_index, read_manifest
-from .features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
+from ..data.features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
+from ..index.recall import recall_at_k
 from .predictions import KEYS, MODES, PredictionWriter, check_mode
-from .runtime import ensure_ray, get, node_id
-from .topk import exact_topk, merge_topk
+from ..ray_context import ensure_ray, get, node_id
+from ..index.topk import exact_topk, merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -296,18 +297,6 @@ class QuerySample:
         keep = np.argsort(keys, kind="stable")[: self.size]
         self.keys, self.queries, self.results = keys[keep], Features(queries.ids[keep], queries.vectors[keep]), \
             results[keep]
-
-
-def per_query_recall(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """|approx top-k ∩ exact top-k| / |exact top-k| of each query (-1 ids in approx: no hit)."""
-    return np.asarray([len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(1, len(e))
-                       for a, e in zip(approx, exact)], np.float64)
-
-
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k|."""
-    hits = per_query_recall(approx, exact)
-    return float(np.mean(hits)) if len(hits) else float("nan")
 
 
 # ---------------------------------------------------------------- the job

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..io import atomic_path
-from .features import json_objects
+from ..data.features import json_objects
 
 MODES = ("t2i", "i2t")
 KEYS = {"t2i": ("text_id", "image_ids"), "i2t": ("image_id", "text_ids")}  # mode -> (query key, result key)

@@ -27,9 +27,9 @@ from ..data import iter_texts, lmdb_io
 from ..io import write_json, write_lines
 from .embed import EmbedConfig, EmbedReport, embed
 from .evaluate import TOP_K, EvaluateConfig, evaluate
-from .features import read_features
+from ..data.features import read_features
 from .knn import KnnConfig, knn_search
-from .precision import PRECISIONS
+from ..encode.precision import PRECISIONS
 from .predictions import MODES, transform_t2i_to_i2t
 
 log = logging.getLogger(__name__)

@@ -2,12 +2,13 @@
 
 reader  -> the data plane's `read_labels` and `read_zeroshot` (`test/<label id>/*`
            images, in the order cn_clip's ImageFolder lists them);
-mapper  -> `decode_images` (CPU tasks: the data plane's decode_batch) then
+mapper  -> the classifier's `decode_images` (CPU tasks: the data plane's decode_batch) then
            `ImageClassifier` (actor pool: the embed job's image encoder, loaded once per
            actor on the chosen --backend) turns images into class probabilities;
 writer  -> `write_elevater_json` writes the ELEVATER-style JSON cn_clip writes.
 
-The classifier is cn_clip's, in classifier.py (shared with Serve's /classify): one
+The classifier is cn_clip's, in clip_platform.encode.classifier (shared with Serve's /classify
+and training's zero-shot validation): one
 embedding per class, the normalised mean of the normalised embeddings of that class's
 prompts (templates.py); probabilities are softmax(100 * normalised image feature @ class
 embeddings).
@@ -27,19 +28,16 @@ import torch
 import clip_models
 
 from .. import config as config_io
-from ..data import decode_batch, read_labels, read_zeroshot, zeroshot_images
-from ..deploy.runtimes import BACKENDS, check_backend
+from ..data import read_labels, read_zeroshot, zeroshot_images
+from ..encode.backends import BACKENDS, check_backend
+from ..encode.classifier import class_embeddings, decode_images, probabilities
+from ..encode.encoder import IMAGE, ModelEncoder
+from ..encode.precision import ENCODER_PRECISIONS
+from ..encode.templates import load_templates
 from ..io import write_lines
-from .classifier import class_weights, probabilities, prompts
-from .embed.encoder import IMAGE, ModelEncoder
-from .precision import ENCODER_PRECISIONS
-from .runtime import ensure_ray
-from .templates import load_templates
+from ..ray_context import ensure_ray
 
 log = logging.getLogger(__name__)
-
-TEXT_BATCH = 256  # prompts encoded per forward pass
-
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
@@ -92,33 +90,6 @@ class ZeroShotResult:
 
 def model_source(config: ZeroShotConfig) -> str:
     return config.resume or config.vision_model
-
-
-def class_embeddings(model: clip_models.CLIP, classnames: list[str], templates: tuple[str, ...],
-                     context_length: int = 52) -> torch.Tensor:
-    """[embed_dim, num_classes]: per class, the normalised mean of its normalised prompt embeddings."""
-    texts = prompts(classnames, templates)
-    device = next(model.parameters()).device
-    features = []
-    with torch.no_grad():
-        for start in range(0, len(texts), TEXT_BATCH):
-            # Padding to the batch's longest prompt gives the same features as padding to 52, faster.
-            tokens = clip_models.tokenize(texts[start:start + TEXT_BATCH], context_length, pad_to_longest=True)
-            features.append(model.encode_text(tokens.to(device)).float())
-    return class_weights(torch.cat(features), len(classnames))
-
-
-# ---------------------------------------------------------------- mapper
-
-def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """CPU stage: image bytes -> normalised [B, 3, S, S] arrays; undecodable ones are
-    flagged (`ok` False, `error` set), not fatal."""
-    decoded, bad = decode_batch({"image": batch["image"]}, clip_models.image_transform(image_size))
-    errors = np.full(len(decoded["valid"]), "", dtype=object)
-    for row, record in bad.items():
-        errors[row] = record.detail
-    return {"path": batch["image_id"], "label": batch["label"], "image": decoded["image"], "ok": decoded["valid"],
-            "error": errors}
 
 
 class ImageClassifier:

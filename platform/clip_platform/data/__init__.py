@@ -11,7 +11,7 @@
 * Training (`train/data.py`): `open_pairs(--train-data)` gives pair i of a cn_clip LMDB
   split, a clip-pytorch caption JSON or webdataset shards; `PlannedPairsDatasource` reads
   the sample plan's index blocks in plan order, a row per index.
-* Embedding (`batch/embed/`, `batch/embed_source.py`): `image_source` / `text_source`
+* Embedding (`batch/embed/`, its `source.py`): `image_source` / `text_source`
   pieces, run as resumable shards.
 * Zero-shot (`batch/zeroshot.py`): `read_labels` + `read_zeroshot`.
 * Retrieval and evaluation read cn_clip's JSONL with `iter_texts`.

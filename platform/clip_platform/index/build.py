@@ -5,7 +5,7 @@
     metadata  one task merges the runs into the id -> (file, row, path, vector position)
               table; a duplicate id stops the build here, named with both places
                                                               -> metadata.arrow, ids.npy
-    choose    the index, from the corpus size and --max-index-memory (batch/faiss_index.py)
+    choose    the index, from the corpus size and --max-index-memory (faiss_index.py)
     train     one task draws the tuning queries (corpus rows, held out of training; each is
               left out of its own results when recall is measured) and the training rows from the
               samples and trains the empty index              -> trained.index
@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..batch.faiss_index import FaissSpec, choose_served_index, mergeable_on_disk
-from ..batch.runtime import ensure_ray, get, largest_node_cpus, task_cpus
-from ..batch.topk import merge_topk
+from .faiss_index import FaissSpec, choose_served_index, mergeable_on_disk
+from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
+from .topk import merge_topk
 from . import tasks
 from .config import IndexConfig
 from .metadata import table_files

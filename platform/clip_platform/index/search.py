@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..batch.faiss_index import search_index
-from ..batch.topk import merge_topk, sort_rows
+from .faiss_index import search_index
+from .topk import merge_topk, sort_rows
 from .metadata import Metadata
 from .vectors import VectorStore
 from .workdir import BuildDir

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..batch.embed_store import PLAN_FILE
-from ..batch.features import FeatureShard, feature_files, plan_shards
+from ..data.features import PLAN_FILE, FeatureShard, feature_files, plan_shards
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..batch.features import FeatureShard, check_unique_ids
-from ..batch.knn import per_query_recall
-from ..batch.runtime import node_id
-from ..batch.topk import exact_topk
+from ..data.features import FeatureShard, check_unique_ids
+from ..ray_context import node_id
+from .topk import exact_topk
 from ..io import atomic_path
 from .metadata import merge_id_runs, write_id_run
+from .recall import per_query_recall
 from .search import ServedIndex
 from .tune import recall_bounds, rerank_factor, tune
 from .vectors import write_rows

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batch.runtime import ensure_ray, get, largest_node_cpus, task_cpus
+from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
 from ..data.records import parse_id
 from ..io import atomic_path, write_json
 from . import tasks

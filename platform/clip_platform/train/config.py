@@ -10,7 +10,7 @@ from typing import Literal
 import clip_models
 
 from .. import config as config_io
-from ..batch.precision import PRECISIONS
+from ..encode.precision import PRECISIONS
 
 BACKENDS = ("deepspeed", "ddp")
 TRACKERS = ("tensorboard", "mlflow")

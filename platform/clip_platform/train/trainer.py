@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..batch.runtime import largest_node_cpus
+from ..ray_context import largest_node_cpus
 from ..io import write_json
 from .config import TrainConfig
 from .data import DECODE_CPUS, count_pairs

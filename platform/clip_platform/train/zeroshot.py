@@ -1,6 +1,6 @@
 """Zero-shot classification during training (--zeroshot-data DIR --zeroshot-frequency N), as
 open_clip's: the model being trained classifies an ELEVATER-layout folder (label_cn.txt,
-test/<label id>/*) with the zero-shot job's classifier (batch/classifier.py: the Chinese prompt
+test/<label id>/*) with the zero-shot job's classifier (encode/classifier.py: the Chinese prompt
 set, cn_clip's fixed scale), and top-1/top-5 go to the log, metrics.jsonl, the curves and the
 trackers.
 
@@ -16,10 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..batch.classifier import probabilities
-from ..batch.templates import ZH_TEMPLATES
-from ..batch.zeroshot import class_embeddings, decode_images
 from ..data import ImageFilesDatasource, read_labels, zeroshot_images
+from ..encode.classifier import class_embeddings, decode_images, probabilities
+from ..encode.templates import ZH_TEMPLATES
 
 
 class ZeroShotEval:

@@ -1,13 +1,14 @@
 """Corpus embedding: cn_clip's extract_features.py over the cluster, resumable.
 
-reader  -> `embed_source`: Ray Data reads the corpus (LMDB imgs dir, TSV, image
+reader  -> `source`: Ray Data reads the corpus (LMDB imgs dir, TSV, image
            files, Parquet, webdataset; texts JSONL or webdataset captions) through
            the data plane's sources as deterministic shards, rows tagged with
            their shard, finished shards not read at all;
 mapper  -> `decode` (CPU tasks: the data plane's decode_batch, bad records kept as
-           flagged rows) then `encoder` (actor pool, model loaded once per actor on
-           the chosen --backend: torch, ONNX Runtime or OpenVINO; GPUs when present);
-writer  -> `embed_store`: the driver assembles finished shards and writes each
+           flagged rows) then `actor` (actor pool: clip_platform.encode's ModelEncoder, loaded
+           once per actor on the chosen --backend: torch, ONNX Runtime or OpenVINO; GPUs when
+           present);
+writer  -> `store`: the driver assembles finished shards and writes each
            atomically as Parquet or cn_clip JSONL, then optionally merges them into
            cn_clip's single feature JSONL (normalised features, as cn_clip).
 
@@ -19,8 +20,7 @@ rather than to --context-length: padding is masked, so the features are the same
 from ...model_info import ModelInfo, inspect_model
 from .config import EmbedConfig, EmbedReport
 from .decode import decode_rows
-from .encoder import Encoder, ModelEncoder, compiled_image_forward, encode_images, encode_texts
+from .actor import EmbedActor
 from .job import embed
 
-__all__ = ["EmbedConfig", "EmbedReport", "Encoder", "ModelEncoder", "ModelInfo", "compiled_image_forward",
-           "decode_rows", "embed", "encode_images", "encode_texts", "inspect_model"]
+__all__ = ["EmbedActor", "EmbedConfig", "EmbedReport", "ModelInfo", "decode_rows", "embed", "inspect_model"]

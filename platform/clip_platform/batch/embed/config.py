@@ -9,10 +9,10 @@ from typing import Any, Literal
 import clip_models
 
 from ... import config as config_io
-from ...deploy.runtimes import BACKENDS, check_backend
-from ..embed_source import IMAGES, TEXTS, Modality
-from ..embed_store import FORMATS
-from ..precision import ENCODER_PRECISIONS
+from ...encode.backends import BACKENDS, check_backend
+from .source import IMAGES, TEXTS, Modality
+from .store import FORMATS
+from ...encode.precision import ENCODER_PRECISIONS
 
 DEFAULT_IMAGE_DATA = "../Multimodal_Retrieval/lmdb/test/imgs"  # cn_clip's defaults
 DEFAULT_TEXT_DATA = "../Multimodal_Retrieval/test_texts.jsonl"

@@ -9,7 +9,7 @@ import clip_models
 
 from ...data import decode_batch
 from ...data.records import BadRecord
-from ..embed_source import IMAGES, MARKER_ROW, Modality, record_to_dict
+from .source import IMAGES, MARKER_ROW, Modality, record_to_dict
 
 
 def decode_rows(batch: dict[str, np.ndarray], modality: Modality, image_size: int,

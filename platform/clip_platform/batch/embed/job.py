@@ -11,11 +11,11 @@ from typing import Any
 
 from ...io import write_json
 from ...model_info import ModelInfo, inspect_model
-from ..embed_source import IMAGES, TEXTS, CorpusPlan, plan_corpus
-from ..embed_store import ShardStore
-from ..runtime import ensure_ray
+from .source import IMAGES, TEXTS, CorpusPlan, plan_corpus
+from .store import ShardStore
+from ...ray_context import ensure_ray
 from .config import EmbedConfig, EmbedReport, Target, targets
-from .encoder import IMAGE, TEXT
+from ...encode.encoder import IMAGE, TEXT
 from .pipeline import EncoderResources, compile_images, encoder_resources, run_shards
 
 log = logging.getLogger(__name__)

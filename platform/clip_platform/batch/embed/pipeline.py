@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...deploy.runtimes import choose_backend
+from ...encode.backends import choose_backend
 from ...model_info import ModelInfo
-from ..embed_source import IMAGES, CorpusPlan, ShardedDatasource
-from ..embed_store import FinishedShard, ShardAssembler, ShardStore
+from .source import IMAGES, CorpusPlan, ShardedDatasource
+from .store import FinishedShard, ShardAssembler, ShardStore
 from .config import EmbedConfig, Target
 from .decode import decode_rows
-from .encoder import Encoder
+from .actor import EmbedActor
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def build_dataset(plan: CorpusPlan, todo: list[int], target: Target, config: Emb
                                                 "context_length": config.context_length},
                         batch_size=batch_size, batch_format="numpy", num_cpus=STAGE_CPUS)
     # Ray Data spreads the pool's actors over the nodes (its default scheduling strategy).
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs={
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={
         "source": model.source, "modality": target.modality, "precision": config.precision,
         "threads": resources.threads,
         "compile_batch": batch_size if compiled else 0, "backend": resources.backend},

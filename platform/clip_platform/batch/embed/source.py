@@ -32,11 +32,11 @@ import pyarrow.fs as pafs
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from ..data import image_source, lmdb_io, text_source
-from ..data.files import COMPRESSED_SUFFIXES
-from ..data.webdataset import TarIndex
-from ..data.records import BadRecord, stable_id
-from ..data.sources import Piece, PieceDatasource
+from ...data import image_source, lmdb_io, text_source
+from ...data.files import COMPRESSED_SUFFIXES
+from ...data.webdataset import TarIndex
+from ...data.records import BadRecord, stable_id
+from ...data.sources import Piece, PieceDatasource
 
 MARKER_ROW = -1  # `row` of the end-of-shard marker
 SAMPLE_BYTES = 4 << 20  # bytes of a line file read to estimate its number of lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..cli import USER_ERRORS
+from .cli import USER_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """--backend of the embed and zero-shot jobs and of Serve: what runs a tower.
 
 * `torch`        the PyTorch model (autocast, oneDNN-packed bf16 linears, torch.compile):
-                 clip_platform.batch.embed.encoder.
+                 encoder.py.
 * `onnxruntime`  the tower's ONNX graph in ONNX Runtime: fp32, or the fp16 graph for fp16; on a
                  GPU through onnxruntime-gpu's TensorRT or CUDA provider when installed.
 * `openvino`     the fp32 graph compiled by OpenVINO for the CPU, computing in bf16 (or f16) when
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..model_info import ModelInfo
-from .onnx_export import INPUTS, INT8, cached_graph
+from ..deploy.onnx_export import INPUTS, INT8, cached_graph
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.bad_records import BadRecordCounter, BadRecordSummary
-from ..data.records import DUPLICATE_ID, BadRecord
-from .embed_source import MARKER_ROW, Modality
-from ..io import atomic_path, write_json, write_lines
-from .features import Features, features_table, jsonl_lines, table_to_features
+from ...data.bad_records import BadRecordCounter, BadRecordSummary
+from ...data.features import PLAN_FILE, Features, features_table, jsonl_lines, table_to_features
+from ...data.records import DUPLICATE_ID, BadRecord
+from ...io import atomic_path, write_json, write_lines
+from .source import MARKER_ROW, Modality
 
 FORMATS = ("parquet", "jsonl")
-PLAN_FILE = "_plan.json"
 STATE_DIR = "_shards"
 
 

@@ -27,6 +27,9 @@ from ..io import atomic_path
 
 ID_KEYS = ("image_id", "text_id", "id")  # the id field of a JSONL feature line
 FEATURE_SUFFIXES = (".parquet", ".jsonl")
+# Beside the shards of a features folder the embed job writes: the input and the model
+# (settings.model, its fingerprint) that made them; index builds read the model from it.
+PLAN_FILE = "_plan.json"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The encoder: one checkpoint's towers on one backend, loaded once, turning model inputs into
-normalised float32 features. The embed job's actors (`Encoder`), the zero-shot classifier and
-the Serve replicas all encode through `ModelEncoder`.
+normalised float32 features. The embed job's actors (`EmbedActor`), the zero-shot classifier,
+training's zero-shot validation and the Serve replicas all encode through `ModelEncoder`.
 
 Inputs are what the decode stages make: images as uint8 pixels (normalised here, with the
 float32 arithmetic of cn_clip's transform) or as preprocessed floats, texts as 0-padded token
@@ -20,11 +20,10 @@ import torch
 import clip_models
 from clip_models._torch_compat import inductor_freezing
 
-from ...deploy.runtimes import choose_backend, open_tower
-from ...model_info import ModelInfo, inspect_model
-from ..embed_source import IMAGES, Modality
-from ..precision import autocast, fast_linears
-from ..runtime import node_id
+from .backends import choose_backend, open_tower
+from ..model_info import ModelInfo, inspect_model
+from .precision import autocast, fast_linears
+from ..ray_context import node_id
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,6 @@ def encode_texts(model: clip_models.CLIP, tokens: np.ndarray, num_tokens: np.nda
     ids = torch.from_numpy(trim_tokens(tokens, num_tokens)).to(device)
     with torch.no_grad(), autocast(precision, device):
         return normalise(model.encode_text(ids))
-
-
 
 
 def trim_tokens(tokens: np.ndarray, num_tokens: np.ndarray | None = None) -> np.ndarray:
@@ -160,27 +157,3 @@ class ModelEncoder:
             self.linears[IMAGE] = self._fast_linears(IMAGE)
             with self.linears[IMAGE]:
                 return encode_images(self.model, images, self.precision)
-
-
-class Encoder(ModelEncoder):
-    """The embed job's actor-pool stage: one tower of the model, decoded rows -> rows with their
-    normalised features. Each row also says which node encoded it (`node`), for the report."""
-
-    def __init__(self, source: str, modality: Modality, precision: str, threads: int = 0,
-                 compile_batch: int = 0, backend: str = "torch"):
-        super().__init__(source, (IMAGE if modality == IMAGES else TEXT,), precision, backend, threads, compile_batch)
-        self.modality = modality
-        self.node = node_id()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray(batch["ok"], bool)
-        features = np.zeros((len(ok), self.info.embed_dim), np.float32)
-        if ok.any():
-            if self.modality == IMAGES:
-                features[ok] = self.encode_images(batch["image"][ok])
-            else:
-                features[ok] = self.encode_texts(batch["tokens"][ok], batch["num_tokens"][ok])
-        out = {key: batch[key] for key in (self.modality.id_key, "path", "shard", "row", "note")}
-        out["ok"], out["feature"] = ok, features
-        out["node"] = np.full(len(ok), self.node, object)
-        return out
