@@ -233,7 +233,7 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False): run it on a GPU "
-              "machine, see the README's GPU check", file=sys.stderr)
+              "machine, see docs/deployment.md's GPU check", file=sys.stderr)
         return 2
     import clip_models
 

@@ -1,5 +1,5 @@
 """The Ray Serve application: a FastAPI ingress (`Gateway`, gateway.py) in front of batched,
-model-multiplexed replicas (`Encoder`, encoder.py), with an optional search index.
+model-multiplexed replicas (the `Encoder` deployment, encoder.py), with an optional search index.
 
     python -m serve --checkpoint CKPT [--index DIR] [--host 127.0.0.1] [--port 8000]
     serve run serve/config.yaml          # import_path serve.app:app_builder
@@ -20,10 +20,10 @@ from __future__ import annotations
 import time
 
 from . import _ray_compat
-from .config import ServeConfig, check_inputs
-from .encoder import Encoder
+from .config import ServeConfig, check_inputs, index_model
+from .encoder import EncoderDeployment
 from .gateway import Gateway, api
-from .search import Search, index_model, shard_groups
+from .search import SearchDeployment, shard_groups
 
 __all__ = ["ServeConfig", "api", "app_builder", "build_app", "enable_direct_ingress", "gateway_urls"]
 
@@ -38,7 +38,7 @@ def build_app(config: ServeConfig):
     replicas = {"num_replicas": config.min_replicas} if config.min_replicas == config.max_replicas else {
         "autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                                "target_ongoing_requests": config.target_ongoing_requests}}
-    encoder = Encoder.options(
+    encoder = EncoderDeployment.options(
         ray_actor_options={"num_gpus": config.num_gpus, "num_cpus": config.num_cpus}, logging_config=logging_config,
         **replicas,
         max_ongoing_requests=max(config.max_ongoing_requests, 2 * config.max_batch_size), max_queued_requests=-1,
@@ -48,7 +48,7 @@ def build_app(config: ServeConfig):
         from clip_platform.index.search import read_manifest
 
         groups = shard_groups(len(read_manifest(config.index)["shards"]), config.search_groups)
-        searchers = [Search.options(name=f"Search{g}" if len(groups) > 1 else "Search",
+        searchers = [SearchDeployment.options(name=f"Search{g}" if len(groups) > 1 else "Search",
                                     num_replicas=config.search_replicas, logging_config=logging_config,
                                     ray_actor_options={"num_cpus": config.search_cpus},
                                     max_ongoing_requests=config.max_ongoing_requests).bind(config.index, shards)

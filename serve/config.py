@@ -1,13 +1,17 @@
 """The Serve application's settings: one frozen dataclass, the source of `python -m serve`'s
-flags and of `serve/config.yaml`'s `args`."""
+flags and of `serve/config.yaml`'s `args`; and the checks made before any replica starts
+(`check_inputs`, `index_model`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from clip_platform.encode.precision import ENCODER_PRECISIONS
 from clip_platform.encode.backends import BACKENDS, check_backend
+from clip_platform.encode.precision import ENCODER_PRECISIONS
+
+log = logging.getLogger("serve")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,37 @@ def check_inputs(config: ServeConfig) -> None:
     if config.index_images and not Path(config.index_images).is_file():
         raise FileNotFoundError(f"--index-images {config.index_images} " + (
             "is not a file" if Path(config.index_images).exists() else "does not exist"))
-    from .search import index_model
-
     index_model(config)  # an index of another model, or no index at all, is refused here
+
+
+def index_model(config: ServeConfig) -> str | None:
+    """The served model whose features the index holds (None without an index). ValueError,
+    in one line, when the index holds another model's features or vectors of another size.
+
+    An index is searched with the model whose features it holds: the embed job records that
+    model's fingerprint and the build copies it into the manifest. A served checkpoint of the
+    same weights (clip_platform.model_info.same_model) is the index's model; an index of another
+    model is refused; an index without a fingerprint is served with the default model and a
+    warning."""
+    if not config.index:
+        return None
+    from clip_platform.index.search import read_manifest
+    from clip_platform.model_info import inspect_model, same_model
+
+    manifest = read_manifest(config.index)
+    models = {name: inspect_model(source) for name, source in config.checkpoints.items()}
+    recorded = manifest.get("model")
+    if recorded is None:
+        name = config.default_model
+        log.warning("the index %s records no model (its features were not written by jobs/embed.py): searched "
+                    "with %r, whose features must be those it holds", config.index, name)
+    else:
+        name = next((n for n, info in models.items() if same_model(info.fingerprint, recorded)), None)
+        if name is None:
+            served = ", ".join(f"{n} ({info.name}, {info.source})" for n, info in models.items())
+            raise ValueError(f"the index {config.index} holds features of {recorded.get('name')} "
+                             f"({recorded.get('source')}), not of a served checkpoint: {served}")
+    if models[name].embed_dim != manifest["dim"]:
+        raise ValueError(f"the index {config.index} holds {manifest['dim']}-dimensional vectors; model {name!r} "
+                         f"makes {models[name].embed_dim}")
+    return name

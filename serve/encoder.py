@@ -16,7 +16,7 @@ log = logging.getLogger("serve")
 
 
 @serve.deployment(name="Encoder")
-class Encoder:
+class EncoderDeployment:
     """Model replica. Checkpoints are multiplexed: a request names one with the handle's
     `multiplexed_model_id`, the replica loads it on first use and keeps the most recently
     used `max_models_per_replica`. Texts and images queue separately; @serve.batch gathers
@@ -48,7 +48,7 @@ class Encoder:
     def _load(self, name: str):
         """(the checkpoint's encoder on the configured backend, its image preprocessing)."""
         import clip_models
-        from clip_platform.encode.encoder import ModelEncoder
+        from clip_platform.encode import ModelEncoder
 
         log.info("loading model %r from %s (backend %s, precision %s)", name, self.config.checkpoints[name],
                  self.config.backend, self.config.precision)

@@ -19,16 +19,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from clip_platform.data.lookup import TsvImages
 from clip_platform.encode.templates import PLACEHOLDER, ZH_TEMPLATES
-from clip_platform.index.topk import merge_topk
 from clip_platform.index import open_index
 
 from .batching import chunks
 from .config import ServeConfig
-from .images import ImageStore, image_media_type
+from .images import image_media_type
 from .limits import RequestBodyLimits
 from .schemas import (ClassifyRequest, EmbeddingsRequest, ImagesRequest, ImagesUpload, SearchRequest, TextsRequest,
                       floats)
+from .search import Search
 
 PAGE = Path(__file__).with_name("index.html")
 
@@ -77,11 +78,12 @@ class Gateway:
         # One handle per model: Serve routes each to replicas that already hold that model.
         self.encoders = {name: encoder.options(multiplexed_model_id=name) for name in config.checkpoints}
         self.config = config
-        self.searchers, self.index_model = searchers or [], index_model
+        self.index_model = index_model
         # The id table and stored vectors (metadata of hits, vectors for more-like-this), and the
         # shards only when no Search deployment holds them (search_replicas 0).
         self.index = open_index(config.index, shards=[] if searchers else None) if config.index else None
-        self.images = ImageStore(config.index_images) if config.index_images else None
+        self.searcher = Search(self.index, searchers or ())
+        self.images = TsvImages(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()
 
@@ -284,11 +286,7 @@ class Gateway:
             query = await self._embed_images(model, [body.image])
         else:
             query = await self._stored_vector(body.id)
-        if self.searchers:
-            parts = await asyncio.gather(*[searcher.search.remote(query, body.top_k) for searcher in self.searchers])
-            scores, ids = merge_topk(parts, body.top_k) if len(parts) > 1 else parts[0]
-        else:  # FAISS releases the GIL: the event loop keeps answering while it scans
-            scores, ids = await asyncio.to_thread(self.index.search, query, body.top_k)
+        scores, ids = await self.searcher.search(query, body.top_k)
         hits = [(int(i), float(score)) for i, score in zip(ids[0], scores[0]) if i >= 0]
         metadata = await asyncio.to_thread(self._lookup, [i for i, _ in hits])
         results = []

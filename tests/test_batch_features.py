@@ -135,3 +135,26 @@ def test_k_larger_than_the_corpus_returns_everything():
     scores, ids = exact_topk(tied_features(2, seed=5).vectors, corpus.vectors, corpus.ids, 10)
     assert ids.shape == (2, 4)
     np.testing.assert_array_equal(ids, brute_force(tied_features(2, seed=5).vectors, corpus, 10))
+
+
+def test_exact_searcher_over_streamed_shards_equals_one_brute_force_pass(tmp_path):
+    from clip_platform.index import ExactSearcher
+    from clip_platform.index.searcher import fan_out
+
+    corpus = tied_features(300, seed=3)
+    path = write_features_parquet(tmp_path / "corpus.parquet", corpus, row_group_rows=64)
+    shards = plan_shards(path, 64)
+    assert len(shards) == 5
+    queries = tied_features(7, seed=4).vectors
+    searcher = ExactSearcher(shards, dim=4, chunk_rows=50)
+    assert searcher.ntotal == 300
+    _, ids = searcher.search(queries, 12)
+    np.testing.assert_array_equal(ids, brute_force(queries, corpus, 12))
+    # One searcher per shard, fanned out and merged: the same ids.
+    _, fanned = fan_out([ExactSearcher([shard], dim=4) for shard in shards], queries, 12)
+    np.testing.assert_array_equal(fanned, ids)
+    found, vectors = searcher.vectors([corpus.ids[5], -7, corpus.ids[299]])
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(vectors[[0, 2]], corpus.vectors[[5, 299]])
+    with pytest.raises(ValueError, match="4-dimensional"):
+        searcher.search(np.zeros((1, 3), np.float32), 1)

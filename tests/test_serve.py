@@ -234,7 +234,7 @@ def test_more_like_this_finds_the_item_itself_first(service):
 
 def test_an_index_of_another_model_is_refused_one_without_a_model_served_with_a_warning(service, tmp_path, caplog):
     from serve.config import ServeConfig, check_inputs
-    from serve.search import index_model
+    from serve.config import index_model
 
     manifest = json.loads((Path(INDEXES["images"]) / "manifest.json").read_text())
 

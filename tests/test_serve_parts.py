@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from fastapi import Request  # at module level: FastAPI resolves the echo route's string annotation here
 
+from clip_platform.data.lookup import TsvImages
 from serve import _ray_compat
 from serve.app import enable_direct_ingress, gateway_urls
 from serve.batching import chunks, num_items
 from serve.config import ServeConfig
-from serve.images import ImageStore, image_media_type
+from serve.images import image_media_type
 from serve.schemas import floats
 
 
@@ -28,12 +29,15 @@ def test_config_checks_user_mistakes():
             ServeConfig(**bad)
 
 
-def test_image_store_reads_images_by_id_from_a_cn_clip_tsv(tmp_path):
+def test_tsv_images_reads_images_by_id_from_a_cn_clip_tsv(tmp_path):
     images = {7: b"\x89PNG first", 12: b"\xff\xd8 second", 3: b"GIF89a third"}
     tsv = tmp_path / "test_imgs.tsv"
-    tsv.write_text("".join(f"{i}\t{base64.b64encode(data).decode()}\n" for i, data in images.items()))
-    store = ImageStore(str(tsv))
+    tsv.write_text("".join(f"{i}\t{base64.b64encode(data).decode()}\n" for i, data in images.items())
+                   + "not a line of the format\n")
+    store = TsvImages(str(tsv))
+    assert store.num_bad == 1  # skipped and counted, as the batch jobs do
     assert {i: store.get(i) for i in images} == images and store.get(99) is None
+    assert len(store) == 3 and 12 in store and 99 not in store
     assert [image_media_type(images[i]) for i in (7, 12, 3)] == ["image/png", "image/jpeg", "image/gif"]
 
 
@@ -89,16 +93,6 @@ def test_index_shards_are_dealt_over_search_groups():
     assert shard_groups(5, 2) == [[0, 2, 4], [1, 3]]
     assert shard_groups(2, 0) == [[0], [1]] == shard_groups(2, 5)  # 0: one per shard; never an empty group
     assert shard_groups(1, 0) == [[0]]
-
-
-def test_a_fingerprint_names_the_weights_not_how_they_were_typed():
-    from serve.search import _same_weights
-
-    recorded = {"source": "ckpt/epoch_latest.pt", "name": "ViT-B-16@RoBERTa", "files": [["epoch_latest.pt", 100, 1]]}
-    copied = {"source": "/abs/epoch_latest.pt", "name": "ViT-B-16@RoBERTa", "files": [["epoch_latest.pt", 100, 9]]}
-    assert _same_weights(recorded, copied)
-    assert not _same_weights(recorded, {**copied, "files": [["epoch_latest.pt", 101, 1]]})
-    assert not _same_weights(recorded, {**copied, "name": "RN50@RBT3"})
 
 
 def test_request_schemas_refuse_what_a_body_gets_wrong_on_its_own():

@@ -37,12 +37,12 @@ import numpy as np
 import ray
 
 from .. import config as config_io
-from ..index.search import open_index, read_manifest
 from ..data.features import Features, FeatureShard, check_unique_ids, iter_feature_blocks, plan_shards
 from ..index.recall import recall_at_k
-from .predictions import KEYS, MODES, PredictionWriter, check_mode
+from ..index.search import open_index, read_manifest
+from ..index.searcher import ExactSearcher, merge
 from ..ray_context import ensure_ray, get, node_id
-from ..index.topk import exact_topk, merge_topk
+from .predictions import KEYS, MODES, PredictionWriter, check_mode
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +145,14 @@ def _load_shard(shard: FeatureShard) -> tuple[Features, tuple[np.ndarray, int]]:
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
 def _partial_topk(queries: np.ndarray, shard: Features | FeatureShard, k: int, chunk_rows: int):
-    if isinstance(shard, FeatureShard):  # a streamed corpus: read here, dropped after
-        shard = shard.read()
-    scores, ids = exact_topk(queries, shard.vectors, shard.ids, k, chunk_rows)
+    # A FeatureShard (a streamed corpus) is read here and dropped after.
+    scores, ids = ExactSearcher([shard], queries.shape[1], chunk_rows).search(queries, k)
     return scores, ids, (node_id(),)
 
 
 @ray.remote(num_cpus=1, max_retries=RETRIES)
 def _merge(k: int, *parts):
-    scores, ids = merge_topk([(scores, ids) for scores, ids, _ in parts], k)
+    scores, ids = merge([(scores, ids) for scores, ids, _ in parts], k)
     return scores, ids, tuple(sorted({node for *_, nodes in parts for node in nodes}))
 
 
@@ -188,10 +187,11 @@ def load_corpus(path: str, id_key: str, shard_rows: int) -> Corpus:
     return Corpus(refs, sum(len(ids) for ids, _ in metas), dims.pop())
 
 
-# ---------------------------------------------------------------- search strategies
+# ---------------------------------------------------------------- the searchers in Ray tasks
 
-class ExactSearch:
-    """Query block -> ObjectRef of its exact (scores, ids, node ids): one task per corpus shard, then a merge."""
+class ExactTasks:
+    """Query block -> ObjectRef of its exact (scores, ids, node ids): an ExactSearcher task per
+    corpus shard, then a merge task (clip_platform.index.searcher's merge)."""
 
     description = "exact"
     build_seconds = 0.0
@@ -208,9 +208,10 @@ class ExactSearch:
         pass
 
 
-class BuiltIndexSearch:
+class BuiltIndexTasks:
     """Query block -> ObjectRef of (scores, ids, node ids): a task per block memory-maps the
-    index (jobs/build_index.py's folder, which every node must see) and searches it."""
+    index (jobs/build_index.py's folder, which every node must see; `open_index`'s
+    IndexSearcher) and searches it."""
 
     build_seconds = 0.0
 
@@ -229,7 +230,7 @@ class BuiltIndexSearch:
         pass
 
 
-class TemporaryIndexSearch(BuiltIndexSearch):
+class TemporaryIndexTasks(BuiltIndexTasks):
     """`--index faiss`: an index built by jobs/build_index.py's code in a folder beside the
     output, searched like a built one, deleted when the job ends."""
 
@@ -307,9 +308,9 @@ def knn_search(config: KnnConfig) -> KnnReport:
     start = time.perf_counter()
     search = corpus = exact = None
     if config.built_index:
-        search = corpus = BuiltIndexSearch(config.built_index, config.top_k)
+        search = corpus = BuiltIndexTasks(config.built_index, config.top_k)
     elif config.index == "faiss":  # the index stands for the corpus, streamed past the recall sample
-        search = TemporaryIndexSearch(config, config.top_k)
+        search = TemporaryIndexTasks(config, config.top_k)
         shards = plan_shards(config.corpus_path, config.corpus_shard_size, config.corpus_key)
         corpus = Corpus([shard for shard in shards if shard.num_rows], search.num_rows, search.dim)
     else:
@@ -324,7 +325,7 @@ def knn_search(config: KnnConfig) -> KnnReport:
         blocks = _checked_blocks(iter_feature_blocks(config.query_path, config.query_block_size, config.query_key),
                                  corpus.dim, config.query_path)
         if not config.built_index:
-            exact = ExactSearch(corpus, k, config.eval_batch_size)
+            exact = ExactTasks(corpus, k, config.eval_batch_size)
         search = search or exact
         sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
         searched = time.perf_counter()

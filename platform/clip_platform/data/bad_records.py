@@ -44,8 +44,7 @@ class BadRecordSummary:
         return {
             "num_bad": self.num_bad,
             "counts": dict(self.counts),
-            "examples": {k: [{"id": r.id, "where": r.where, "detail": r.detail} for r in v]
-                         for k, v in self.examples.items()},
+            "examples": {k: [r.to_dict() for r in v] for k, v in self.examples.items()},
             "notes": list(self.notes),
         }
 

@@ -23,20 +23,14 @@ import pyarrow.fs as pafs
 from . import lmdb_io
 from .bad_records import BadRecordSink
 from .files import list_files, resolve_filesystem
+from .formats import FORMATS, IMAGE_SUFFIXES, JSONL_SUFFIXES, Format, kind_of, suffixes_of
 from .records import BadRecord, TextRecord
 from .sources import (ImageFilesDatasource, ImageLines, LinesDatasource, LmdbImagesDatasource,
                       ParquetImagesDatasource, PieceDatasource, TextLines, WebDatasetDatasource, iter_line_rows)
-from .webdataset import TAR_SUFFIXES
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-TSV_SUFFIXES = (".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.zst")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.zst")
-PARQUET_SUFFIXES = (".parquet",)
 LABEL_FILE = "label_cn.txt"
-KINDS = (("tsv", TSV_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("webdataset", TAR_SUFFIXES),
-         ("files", IMAGE_SUFFIXES), ("jsonl", JSONL_SUFFIXES))
 
 
 def _is_local(path: PathLike) -> bool:
@@ -54,25 +48,34 @@ def _read(datasource: Any, read_args: dict[str, Any]):
     return ray.data.read_datasource(datasource, **read_args)
 
 
-def _kind_of(path: str) -> str | None:
-    lower = path.lower()
-    return next((kind for kind, suffixes in KINDS if lower.endswith(suffixes)), None)
-
-
 class Source(NamedTuple):
-    """A corpus as `image_source` / `text_source` found it."""
+    """A corpus as `image_source` / `text_source` found it; what its format knows (formats.py)."""
 
     kind: str  # "lmdb", "tsv", "parquet", "webdataset", "files" or "jsonl"
     datasource: PieceDatasource
     filesystem: pafs.FileSystem | None  # of `files` (None for LMDB, a local directory)
     files: list[pafs.FileInfo]  # the files read; [] for LMDB
 
+    @property
+    def format(self) -> Format:
+        return FORMATS[self.kind]
+
+    def estimated_rows(self) -> int:
+        """Records in the corpus, estimated from its files (exact for LMDB, Parquet, image files)."""
+        return self.format.estimate(self)
+
+    def min_pieces(self) -> int:
+        """The fewest pieces it can be cut into: compressed line files and tar shards are one each."""
+        return self.format.min_pieces(self)
+
+    def fingerprint(self, path: Any) -> dict[str, Any]:
+        return self.format.fingerprint(self, path)
+
 
 def _files_of_one_kind(path: Paths, filesystem: pafs.FileSystem | None,
                        kinds: tuple[str, ...]) -> tuple[pafs.FileSystem, list[pafs.FileInfo], str]:
-    suffixes = tuple(s for kind, group in KINDS if kind in kinds for s in group)
-    fs, infos = list_files(path, filesystem, suffixes)
-    found = {_kind_of(info.path) for info in infos}
+    fs, infos = list_files(path, filesystem, suffixes_of(kinds))
+    found = {kind_of(info.path) for info in infos}
     if len(found) != 1 or not found <= set(kinds):
         raise ValueError(f"{path} holds {', '.join(sorted(k or 'unknown' for k in found))} files; "
                          f"give one kind of {', '.join(kinds)} at a time")

@@ -50,6 +50,16 @@ class BadRecord:
         ident = f" id={self.id}" if self.id is not None else ""
         return f"{self.kind}{ident} at {self.where}: {self.detail}".rstrip(": ")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The one serialisation (reports, the embed job's shard notes), JSON-safe: ids may come as
+        numpy scalars or raw bytes from a malformed line."""
+        ident = self.id.item() if hasattr(self.id, "item") and not isinstance(self.id, (int, str, bytes)) else self.id
+        if isinstance(ident, bytes):
+            ident = ident.decode("utf-8", "replace")
+        elif ident is not None and not isinstance(ident, (int, str)):
+            ident = str(ident)
+        return {"kind": str(self.kind), "id": ident, "where": str(self.where), "detail": str(self.detail)}
+
 
 @dataclass(frozen=True)
 class TextRecord:

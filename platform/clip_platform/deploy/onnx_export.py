@@ -277,7 +277,7 @@ def calibration_images(model: clip_models.CLIP, batch: int, seed: int = 0) -> np
 
 def quantize_graph(source: str | os.PathLike, model: clip_models.CLIP, tower: str, path: str | os.PathLike) -> Path:
     """The int8 graph of an fp32 tower graph (ONNX Runtime's quantization tools; weights int8 per
-    output channel). Measured on 2 cores with VNNI (ViT-B-16, RoBERTa-base; README): text graphs
+    output channel). Measured on 2 cores with VNNI (ViT-B-16, RoBERTa-base; docs/benchmarks.md): text graphs
     are quantized dynamically (each batch's activation ranges computed as it runs: no calibration;
     ONNX Runtime 3x torch fp32, cosine 0.9996), image graphs statically, their activation ranges
     calibrated once on `calibration_images` (QDQ: OpenVINO runs their linear layers and the patch

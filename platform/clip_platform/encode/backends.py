@@ -8,7 +8,7 @@
                  asked and the CPU has those instructions, else fp32.
 * `auto`         torch on GPUs; on CPUs OpenVINO when installed, else torch; for --precision
                  int8, OpenVINO for images and ONNX Runtime for texts. Measured on 2 cores
-                 (ViT-B-16 and RoBERTa-base, figures in the README's benchmark table): with
+                 (ViT-B-16 and RoBERTa-base, figures in docs/benchmarks.md): with
                  AVX512-BF16, OpenVINO bf16 was the fastest path by far; without it, the fp32
                  runtimes were within the noise of each other (OpenVINO ahead on images in the
                  interleaved run) while bf16 asked of torch is emulated and 2-3x slower, and of

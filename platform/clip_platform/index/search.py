@@ -1,4 +1,5 @@
-"""Searching a built index: `open_index(DIR).search(queries, k) -> (scores, ids)`.
+"""Searching a built index: `open_index(DIR)` is an `IndexSearcher` (searcher.py's interface):
+`.search(queries, k) -> (scores, ids)`, `.lookup(ids)`, `.vectors(ids)`.
 
 The index files are memory-mapped (IVF inverted lists on disk, read through the page
 cache), so a process opening a 100 GB index holds its coarse centroids, not its codes.
@@ -19,18 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from .faiss_index import search_index
-from .topk import merge_topk, sort_rows
 from .metadata import Metadata
+from .searcher import FaissShard, Searcher, fan_out
+from .topk import sort_rows
 from .vectors import VectorStore
 from .workdir import BuildDir
 
 FAISS_PARAMETERS = ("nprobe", "efSearch", "quantizer_efSearch")
 
 
-class ServedIndex:
-    """A built index (or some of its shards), its search parameters those the build tuned
-    (or set with `set_parameters`)."""
+class IndexSearcher(Searcher):
+    """A built index (or some of its shards): a `FaissShard` per index shard, fanned out and
+    merged, with the id table (lookup), the stored vectors (vectors, re-ranking) and the removed
+    ids skipped. Its search parameters are those the build tuned (or set with `set_parameters`)."""
 
     def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], shards: Sequence[int] | None = None):
         import faiss
@@ -40,7 +42,7 @@ class ServedIndex:
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest["layout"] == "ondisk" else faiss.IO_FLAG_MMAP
         self.shard_numbers = list(range(len(manifest["shards"]))) if shards is None else list(shards)
         with _quiet_stdout():  # FAISS prints a line per on-disk index it opens
-            self.shards = [faiss.read_index(str(self.directory / manifest["shards"][n]["index"]), flags)
+            self.shards = [FaissShard(faiss.read_index(str(self.directory / manifest["shards"][n]["index"]), flags))
                            for n in self.shard_numbers]
         self.metadata = Metadata(self.directory, manifest["metadata"])
         stored = manifest.get("vectors")
@@ -58,23 +60,19 @@ class ServedIndex:
         for shard in self.shards:
             for name, value in params.items():
                 if name in FAISS_PARAMETERS:
-                    space.set_index_parameter(shard, name, value)
+                    space.set_index_parameter(shard.index, name, value)
         self.params = dict(params)
         self.rerank = int(params.get("rerank", 0)) if self.store is not None else 0
-        self._search_params = _selector_parameters(self.removed, self.params) if len(self.removed) else None
+        selector = _selector_parameters(self.removed, self.params) if len(self.removed) else None
+        for shard in self.shards:
+            shard.params = selector
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) [n, k] by inner product, in (score desc, id asc) order; slots no
         vector reached (k above what the visited lists hold) have id -1 and score -inf."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries of shape {queries.shape}: the index holds {self.dim}-dimensional vectors")
+        queries = self.check_queries(queries)
         fetch = k * max(1, self.rerank)
-        parts = [search_index(shard, queries, None, fetch, self._search_params)
-                 for shard in self.shards if shard.ntotal]
-        if not parts:
-            return np.full((len(queries), 0), -np.inf, np.float32), np.full((len(queries), 0), -1, np.int64)
-        scores, ids = parts[0] if len(parts) == 1 else merge_topk(parts, fetch)
+        scores, ids = fan_out(self.shards, queries, fetch)
         if self.rerank:
             scores = self._exact_scores(queries, ids)
         return sort_rows(scores, ids, k) if self.rerank or scores.shape[1] > k else (scores, ids)
@@ -148,6 +146,6 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def open_index(directory: str | os.PathLike, shards: Sequence[int] | None = None) -> ServedIndex:
+def open_index(directory: str | os.PathLike, shards: Sequence[int] | None = None) -> IndexSearcher:
     """The finished index in `directory`, memory-mapped: all its shards, or those numbered in `shards`."""
-    return ServedIndex(directory, read_manifest(directory), shards)
+    return IndexSearcher(directory, read_manifest(directory), shards)

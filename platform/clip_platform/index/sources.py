@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.features import PLAN_FILE, FeatureShard, feature_files, plan_shards
+from ..model_info import same_model
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,19 @@ def plan_inputs(paths: Sequence[str], rows_per_shard: int) -> Inputs:
 def embed_model(files: Sequence[Path]) -> dict[str, Any] | None:
     """The model fingerprint the embed job recorded in the folders holding `files`. Features of
     two models live in two spaces, so an index over both would rank nonsense: an error."""
-    models: dict[str, tuple[Path, dict]] = {}
+    first: tuple[Path, dict] | None = None
     for folder in dict.fromkeys(f.parent for f in files):
         try:
             plan = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # no plan (cn_clip's files, hand-made shards): nothing recorded
         model = plan.get("settings", {}).get("model") if isinstance(plan, dict) else None
-        if model:
-            models.setdefault(json.dumps(model, sort_keys=True), (folder, model))
-    if len(models) > 1:
-        (a, first), (b, second) = list(models.values())[:2]
-        raise ValueError(f"features in {a} were embedded by {first.get('name')} ({first.get('source')}), "
-                         f"those in {b} by {second.get('name')} ({second.get('source')}): one index, one model")
-    return next(iter(models.values()))[1] if models else None
+        if not model:
+            continue
+        if first is None:
+            first = folder, model
+        elif not same_model(first[1], model):
+            raise ValueError(f"features in {first[0]} were embedded by {first[1].get('name')} "
+                             f"({first[1].get('source')}), those in {folder} by {model.get('name')} "
+                             f"({model.get('source')}): one index, one model")
+    return first[1] if first else None

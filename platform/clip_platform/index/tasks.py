@@ -17,7 +17,7 @@ from .topk import exact_topk
 from ..io import atomic_path
 from .metadata import merge_id_runs, write_id_run
 from .recall import per_query_recall
-from .search import ServedIndex
+from .search import IndexSearcher
 from .tune import recall_bounds, rerank_factor, tune
 from .vectors import write_rows
 
@@ -172,7 +172,7 @@ def merge_parts(trained_path: Path, parts: Sequence[Path], index_path: Path, ivf
 @ray.remote(num_cpus=1, max_retries=RETRIES)
 def tune_index(directory: Path, manifest: dict, queries_path: Path, exact_ids: np.ndarray, target: float,
                k: int) -> dict:
-    index = ServedIndex(directory, manifest)
+    index = IndexSearcher(directory, manifest)
     with np.load(queries_path) as saved:
         queries, query_ids = saved["vectors"], saved["ids"]
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
 from ..data.records import parse_id
 from ..io import atomic_path, write_json
+from ..model_info import same_model
+from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
 from . import tasks
 from .build import IndexReport, report_of, run_shards, record_partial, record_scan, shard_positions
 from .config import IndexConfig
@@ -59,7 +60,7 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
     for source in inputs.sources:
         if os.path.realpath(source["path"]) in known:
             raise ValueError(f"{source['path']} is indexed in {root} already")
-    if inputs.model and manifest.get("model") and inputs.model != manifest["model"]:
+    if inputs.model and manifest.get("model") and not same_model(inputs.model, manifest["model"]):
         raise ValueError(f"the features to add were embedded by {inputs.model.get('name')}, the index by "
                          f"{manifest['model'].get('name')}: one index, one model")
     generation = manifest.get("generation", 0) + 1

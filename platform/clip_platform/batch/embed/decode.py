@@ -9,7 +9,7 @@ import clip_models
 
 from ...data import decode_batch
 from ...data.records import BadRecord
-from .source import IMAGES, MARKER_ROW, Modality, record_to_dict
+from .source import IMAGES, MARKER_ROW, Modality
 
 
 def decode_rows(batch: dict[str, np.ndarray], modality: Modality, image_size: int,
@@ -29,7 +29,7 @@ def decode_rows(batch: dict[str, np.ndarray], modality: Modality, image_size: in
     for position, record in bad.items():
         name = str(batch["path"][position])  # a file's or a key's name says more than its hashed id
         named = BadRecord(record.kind, name, record.where, record.detail) if name else record
-        out["note"][position] = json.dumps(record_to_dict(named))
+        out["note"][position] = json.dumps(named.to_dict())
     if modality == IMAGES:
         out["image"] = decoded["image"]
     else:

@@ -9,14 +9,14 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ...encode.encoder import IMAGE, TEXT
 from ...io import write_json
-from ...model_info import ModelInfo, inspect_model
-from .source import IMAGES, TEXTS, CorpusPlan, plan_corpus
-from .store import ShardStore
+from ...model_info import ModelInfo, inspect_model, same_model
 from ...ray_context import ensure_ray
 from .config import EmbedConfig, EmbedReport, Target, targets
-from ...encode.encoder import IMAGE, TEXT
 from .pipeline import EncoderResources, compile_images, encoder_resources, run_shards
+from .source import IMAGES, TEXTS, CorpusPlan, plan_corpus
+from .store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ def prepare_plan(store: ShardStore, target: Target, config: EmbedConfig, model: 
     saved = store.load_plan()
     if saved is not None:
         plan = plan_corpus(target.data, target.modality, config.rows_per_shard, saved.get("requested"))
-        differs = [name for name, now in (("input", _json_roundtrip(plan.fingerprint)), ("settings", settings))
-                   if saved.get(name) != now]
+        differs = [name for name, same in (("input", saved.get("input") == _json_roundtrip(plan.fingerprint)),
+                                           ("settings", same_settings(saved.get("settings"), settings)))
+                   if not same]
         if not differs:
             return plan
         if not config.overwrite:
@@ -54,6 +55,13 @@ def prepare_plan(store: ShardStore, target: Target, config: EmbedConfig, model: 
     store.save_plan({"modality": target.modality.name, "requested": plan.requested, "num_shards": plan.num_shards,
                      "input": plan.fingerprint, "settings": settings})
     return plan
+
+
+def same_settings(saved: dict | None, now: dict) -> bool:
+    """The same settings, the model compared by its fingerprint's rule (model_info.same_model)."""
+    if not isinstance(saved, dict) or not same_model(saved.get("model"), now.get("model")):
+        return False
+    return {k: v for k, v in saved.items() if k != "model"} == {k: v for k, v in now.items() if k != "model"}
 
 
 def _json_roundtrip(value: Any) -> Any:

@@ -19,27 +19,21 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from ...data import image_source, lmdb_io, text_source
-from ...data.files import COMPRESSED_SUFFIXES
-from ...data.webdataset import TarIndex
+from ...data import image_source, text_source
 from ...data.records import BadRecord, stable_id
-from ...data.sources import Piece, PieceDatasource
+from ...data.sources import Piece
 
 MARKER_ROW = -1  # `row` of the end-of-shard marker
-SAMPLE_BYTES = 4 << 20  # bytes of a line file read to estimate its number of lines
 
 
 @dataclass(frozen=True)
@@ -57,16 +51,6 @@ class Modality:
 
 IMAGES = Modality("images", "image_id", "image", pa.binary())
 TEXTS = Modality("texts", "text_id", "text", pa.string())
-
-
-def record_to_dict(record: BadRecord) -> dict[str, Any]:
-    """JSON-safe: ids may come as numpy scalars or raw bytes from a malformed line."""
-    ident = record.id.item() if isinstance(record.id, np.generic) else record.id
-    if isinstance(ident, bytes):
-        ident = ident.decode("utf-8", "replace")
-    elif ident is not None and not isinstance(ident, (int, str)):
-        ident = str(ident)
-    return {"kind": str(record.kind), "id": ident, "where": str(record.where), "detail": str(record.detail)}
 
 
 def normalise_ids(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -89,7 +73,7 @@ def tag_block(block: Any, modality: Modality, shard: int, first_row: int) -> pa.
 
 
 def marker_block(modality: Modality, shard: int, num_rows: int, records: Sequence[BadRecord]) -> pa.Table:
-    note = json.dumps({"num_rows": num_rows, "bad_records": [record_to_dict(r) for r in records]})
+    note = json.dumps({"num_rows": num_rows, "bad_records": [r.to_dict() for r in records]})
     empty = b"" if pa.types.is_binary(modality.payload_type) else ""
     return pa.table([[0], [empty], [""], [shard], [MARKER_ROW], [note]], schema=modality.schema)
 
@@ -154,76 +138,12 @@ class CorpusPlan:
         return len(self.pieces)
 
 
-@dataclass
-class _Corpus:
-    datasource: PieceDatasource
-    estimated_rows: int
-    fingerprint: dict[str, Any]
-    min_shards: int = 1  # compressed line files and tar shards cannot be split: at least one shard each
-
-
 def plan_corpus(path: str, modality: Modality, rows_per_shard: int, requested: int | None = None) -> CorpusPlan:
     """Shards of about `rows_per_shard` rows over the corpus at `path`, or exactly the
     split of an earlier plan when `requested` (its N) is given."""
-    corpus = _image_corpus(path) if modality == IMAGES else _text_corpus(path)
+    # min_split_bytes=1: shards are as small as asked, not the data plane's 16 MiB minimum.
+    found = (image_source if modality == IMAGES else text_source)(path, min_split_bytes=1)
+    estimated = found.estimated_rows()
     if requested is None:
-        requested = max(corpus.min_shards, math.ceil(corpus.estimated_rows / rows_per_shard), 1)
-    return CorpusPlan(corpus.datasource.pieces(requested), requested, corpus.fingerprint, corpus.estimated_rows)
-
-
-def _fingerprint(kind: str, path: Any, infos: Sequence[pafs.FileInfo]) -> dict[str, Any]:
-    return {"kind": kind, "path": str(path), "files": [[i.path, i.size] for i in infos]}
-
-
-def _estimate_lines(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> int:
-    """Lines in the files, from the newline density of the start of the first plain one."""
-    plain = [i for i in infos if not i.path.lower().endswith(COMPRESSED_SUFFIXES)]
-    if not plain:
-        return len(infos)
-    with fs.open_input_stream(plain[0].path) as stream:
-        sample = stream.read(SAMPLE_BYTES)
-    lines = sample.count(b"\n") + (1 if sample and not sample.endswith(b"\n") else 0)
-    total = sum(i.size or 0 for i in plain)
-    return max(1, round(total * lines / max(1, len(sample))))
-
-
-def _estimate_samples(fs: pafs.FileSystem, infos: Sequence[pafs.FileInfo]) -> int:
-    """Samples in tar shards, from the first shard's member headers (a seek per member, no
-    data read) scaled by bytes: img2dataset's shards hold about equal samples."""
-    try:
-        first = TarIndex.scan(fs, infos[0].path)
-    except (OSError, EOFError, tarfile.TarError):  # unreadable: its read task reports it, by name
-        return len(infos)
-    per_byte = (len(first) + first.num_incomplete) / max(1, infos[0].size or 1)
-    return max(len(infos), round(per_byte * sum(i.size or 0 for i in infos)))
-
-
-def _files_corpus(found: Any, path: str) -> _Corpus:
-    """A corpus of files: rows estimated from line density (TSV, JSONL), one per image file,
-    or a shard per tar file (webdataset shards are the unit img2dataset sizes)."""
-    fs, infos = found.filesystem, found.files
-    fingerprint = _fingerprint(found.kind, path, infos)
-    if found.kind in ("tsv", "jsonl"):
-        compressed = sum(i.path.lower().endswith(COMPRESSED_SUFFIXES) for i in infos)
-        return _Corpus(found.datasource, _estimate_lines(fs, infos), fingerprint, compressed)
-    if found.kind == "webdataset":
-        return _Corpus(found.datasource, _estimate_samples(fs, infos), fingerprint, len(infos))
-    return _Corpus(found.datasource, len(infos), fingerprint)
-
-
-def _text_corpus(path: str) -> _Corpus:
-    # min_split_bytes=1: shards are as small as asked, not the data plane's 16 MiB minimum.
-    return _files_corpus(text_source(path, min_split_bytes=1), path)
-
-
-def _image_corpus(path: str) -> _Corpus:
-    # min_split_bytes=1: shards are as small as asked, not the data plane's 16 MiB minimum.
-    found = image_source(path, min_split_bytes=1)
-    if found.kind == "lmdb":
-        imgs_dir = Path(found.datasource.imgs_dir)  # resolved
-        size = (imgs_dir / "data.mdb").stat().st_size
-        fingerprint = {"kind": "lmdb", "path": str(imgs_dir), "files": [["data.mdb", size]]}
-        return _Corpus(found.datasource, lmdb_io.num_images(imgs_dir), fingerprint)
-    if found.kind == "parquet":
-        return _Corpus(found.datasource, found.datasource.num_rows, _fingerprint(found.kind, path, found.files))
-    return _files_corpus(found, path)
+        requested = max(found.min_pieces(), math.ceil(estimated / rows_per_shard), 1)
+    return CorpusPlan(found.datasource.pieces(requested), requested, found.fingerprint(path), estimated)
