@@ -193,9 +193,20 @@ def test_add_and_remove_change_the_index_the_metadata_and_the_manifest(ray_local
     first, more = corpus.slice(0, 600), corpus.slice(600, 900)
     write_shards(tmp_path / "a", first, 2)
     write_shards(tmp_path / "b", more, 1)
+    # One checkpoint, spelled relative in one embed run and absolute in the other: the same model.
+    weights = [["epoch_latest.pt", 1234, "5f0e"]]
+    for folder, source in (("a", "ckpt/epoch_latest.pt"), ("b", "/runs/ckpt/epoch_latest.pt")):
+        model = {"source": source, "name": "ViT-Tiny@BERT-Tiny-chinese", "files": weights}
+        (tmp_path / folder / "_plan.json").write_text(json.dumps({"settings": {"model": model}}))
     job = load_job("build_index").main
     output = str(tmp_path / "index")
     job(["--features", str(tmp_path / "a"), "--output", output, "--rows-per-shard", "150"])
+    write_shards(tmp_path / "other", clustered(10, seed=12), 1)
+    other = {"source": "ckpt/epoch_latest.pt", "name": "ViT-Tiny@BERT-Tiny-chinese",
+             "files": [["epoch_latest.pt", 1234, "a1b2"]]}  # finetuned further: same size, other weights
+    (tmp_path / "other" / "_plan.json").write_text(json.dumps({"settings": {"model": other}}))
+    with pytest.raises(ValueError, match="one index, one model"):
+        job(["--output", output, "--add", "--features", str(tmp_path / "other")])
     job(["--output", output, "--add", "--features", str(tmp_path / "b")])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (report["added"], report["count"], report["num_shards"]) == (300, 900, 2)

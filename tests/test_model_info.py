@@ -44,3 +44,15 @@ def test_fingerprints_recorded_before_digests_compare_by_name_and_size():
     assert not same_model(recorded, {**now, "files": [["epoch_latest.pt", 101, "ab12"]]})
     assert not same_model(recorded, {**now, "name": "RN50@RBT3"})
     assert not same_model(None, now)
+
+
+def test_an_embed_run_resumes_whatever_the_checkpoint_path_was_spelled():
+    from clip_platform.batch.embed.job import same_settings
+
+    files = [["epoch_latest.pt", 100, "ab12"]]
+    saved = {"model": {"source": "ckpt/epoch_latest.pt", "name": "ViT-Tiny", "files": files}, "precision": "fp32"}
+    now = {"model": {"source": "/abs/ckpt/epoch_latest.pt", "name": "ViT-Tiny", "files": files}, "precision": "fp32"}
+    assert same_settings(saved, now)
+    assert not same_settings(saved, {**now, "precision": "bf16"})
+    assert not same_settings(saved, {**now, "model": {**now["model"], "files": [["epoch_latest.pt", 100, "cd34"]]}})
+    assert not same_settings(None, now)
