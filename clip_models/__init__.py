@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, build_model, export_cn_clip, export_hf, infer_config, load_model,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import (build_model, export_cn_clip, export_hf, infer_config, load_model, read_checkpoint,
+                         save_checkpoint)
 from .config import CLIPConfig, TextConfig, VisionConfig, config_from_names, config_from_struct
-from .hub import RELEASES
+from .errors import CheckpointError
+from .hub import available_models, resolve
 from .loss import contrastive_loss, distillation_loss
 from .model import CLIP, normalize_features
 from .tokenizer import preprocess_text, tokenize
@@ -29,26 +29,6 @@ __all__ = [
     "load_model", "normalize_features", "normalize_pixels", "preprocess_text", "read_checkpoint", "resolve",
     "save_checkpoint", "tokenize", "train_transform",
 ]
-
-
-def available_models() -> list[str]:
-    """Names of the released models `load` can download."""
-    return list(RELEASES)
-
-
-def resolve(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Path:
-    """A local checkpoint path for a released model name (downloaded if needed) or an existing path."""
-    if str(name_or_path) in RELEASES:
-        from .hub import fetch
-
-        return fetch(str(name_or_path), download_root)
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    raise CheckpointError(
-        f"model {str(name_or_path)!r} not found: not a file or directory, and not a released model "
-        f"({', '.join(available_models())})"
-    )
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",

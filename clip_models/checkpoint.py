@@ -14,16 +14,15 @@ from typing import Any
 import torch
 
 from . import hf
-from .config import CLIPConfig, TextConfig, VisionConfig, config_names, load_text_json, load_vision_json
+from .config import (CLIPConfig, TextConfig, VisionConfig, config_from_struct, config_names, load_text_json,
+                     load_vision_json)
+from .errors import CheckpointError
+from .hub import RELEASES, resolve
 from .model import CLIP
 
 log = logging.getLogger(__name__)
 FORMAT = "clip_models"  # marks files written by save_checkpoint
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-class CheckpointError(ValueError):
-    """A file that is missing, unreadable, or not a Chinese-CLIP checkpoint."""
 
 
 # ---------------------------------------------------------------- reading
@@ -227,10 +226,6 @@ def inspect_checkpoint(name_or_path: str | Path, config: CLIPConfig | None = Non
     would fail to load (unreadable, not CLIP weights, shapes that do not fit) raises
     CheckpointError naming it here. `config`: the architecture the weights must fit instead of
     their own (a finetuning run's). A released name is not downloaded: its architecture is known."""
-    from . import resolve
-    from .config import config_from_struct
-    from .hub import RELEASES
-
     if str(name_or_path) in RELEASES:
         return config_from_struct(str(name_or_path).removeprefix("QA-CLIP-"))  # QA-CLIP: cn_clip's architectures
     path = resolve(name_or_path)

@@ -1,5 +1,6 @@
-"""Released checkpoints: where they live and how they reach the local cache
-(resumable download, a clear offline message) and stay intact there.
+"""Released checkpoints: where they live, how a name or a path becomes a local file
+(`resolve`, `available_models`), how they reach the local cache (resumable download, a
+clear offline message) and stay intact there.
 
 The publishers give no checksums, so nothing proves a first download is the published
 file beyond its length matching the server's Content-Length. What is verified is that
@@ -22,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 _CN_CLIP_URL = "https://clip-cn-beijing.oss-cn-beijing.aliyuncs.com/checkpoints/"
@@ -49,6 +50,24 @@ RELEASES = {
     "QA-CLIP-ViT-B-16": Release(_QA_CLIP_URL + "QA-CLIP-base.pt"),
     "QA-CLIP-ViT-L-14": Release(_QA_CLIP_URL + "QA-CLIP-large.pt"),
 }
+
+
+def available_models() -> list[str]:
+    """Names of the released models `load` can download."""
+    return list(RELEASES)
+
+
+def resolve(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Path:
+    """A local checkpoint path for a released model name (downloaded if needed) or an existing path."""
+    if str(name_or_path) in RELEASES:
+        return fetch(str(name_or_path), download_root)
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    raise CheckpointError(
+        f"model {str(name_or_path)!r} not found: not a file or directory, and not a released model "
+        f"({', '.join(available_models())})"
+    )
 
 
 def default_cache_dir() -> Path:

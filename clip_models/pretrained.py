@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .model import CLIP
 
 log = logging.getLogger(__name__)
