@@ -29,7 +29,7 @@ from .images import image_media_type
 from .limits import RequestBodyLimits
 from .schemas import (ClassifyRequest, EmbeddingsRequest, ImagesRequest, ImagesUpload, SearchRequest, TextsRequest,
                       floats)
-from .search import Search
+from .search import SearchFanOut
 
 PAGE = Path(__file__).with_name("index.html")
 
@@ -82,7 +82,7 @@ class Gateway:
         # The id table and stored vectors (metadata of hits, vectors for more-like-this), and the
         # shards only when no Search deployment holds them (search_replicas 0).
         self.index = open_index(config.index, shards=[] if searchers else None) if config.index else None
-        self.searcher = Search(self.index, searchers or ())
+        self.searcher = SearchFanOut(self.index, searchers or ())
         self.images = TsvImages(config.index_images) if config.index_images else None
         self.model_info: dict[str, dict] = {}  # architecture per model, asked once
         self.metrics = metrics()

@@ -3,7 +3,7 @@ Searcher (clip_platform.index) in Serve.
 
 The index's shards are spread over `SearchDeployment`s (one per group of shards; each
 deployment's replicas open only their group's shards, memory-mapped, so no replica holds the
-corpus and Serve places the groups on any node). The Gateway asks its `Search` route, which
+corpus and Serve places the groups on any node). The Gateway asks its `SearchFanOut`, which
 fans the query out to every group and merges their top-k with the index's own merge; with
 search_replicas 0 the route searches the Gateway's own mapped index instead. The id table and
 the stored vectors (more like this) are read memory-mapped by the Gateway.
@@ -53,7 +53,7 @@ class SearchDeployment:
         return out
 
 
-class Search:
+class SearchFanOut:
     """What the Gateway searches: the Search deployments' handles, asked together and their
     answers merged; or (no handles) the Gateway's own index, searched in a thread (FAISS releases
     the GIL: the event loop keeps answering while it scans)."""
