@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import clip_models
-from clip_platform.train import TrainConfig, run_finetune
-from clip_platform.train.trainer import worker_cpus
+from clip_platform.train import TrainConfig, driver, run_finetune
+from clip_platform.train.driver import worker_cpus
 from cn_clip_ref import cn_clip_model
 from helpers import sample_log, synthetic_lmdb
 
@@ -206,10 +206,32 @@ def test_cli_errors_are_one_line(dataset, args, message):
     assert message in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_a_non_finite_step_is_skipped_on_every_worker_and_too_many_stop_the_run(dataset, tmp_path, ray_local):
+def nonfinite_loop(steps: dict[int, list[int]]):
+    """A train_loop_per_worker whose Trainer makes the loss NaN on ranks `steps[step]` at those
+    steps. Made inside a function, so Ray pickles it (and its Trainer subclass) by value: the
+    workers cannot import the test modules."""
+    from clip_platform.train.trainer import Trainer
+
+    class NonFiniteTrainer(Trainer):
+        def _loss(self, *args):
+            loss, acc = super()._loss(*args)
+            if self.rank in steps.get(self.position.global_step + 1, ()):
+                loss = loss * float("nan")
+            return loss, acc
+
+    def train_loop(loop_config: dict) -> None:
+        NonFiniteTrainer(loop_config["config"]).fit()
+
+    return train_loop
+
+
+def test_a_non_finite_step_is_skipped_on_every_worker_and_too_many_stop_the_run(dataset, tmp_path, ray_local,
+                                                                                 monkeypatch):
     config = tiny(dataset, tmp_path / "nan", workers=2, max_steps=6, save_step_frequency=2, val_data=None,
                   max_bad_steps=2)
-    result = run_finetune(config, faults={"nonfinite": {3: [1]}})  # worker 1's loss is NaN at step 3 only
+    # worker 1's loss is NaN at step 3 only
+    monkeypatch.setattr(driver, "train_loop_per_worker", nonfinite_loop({3: [1]}))
+    result = run_finetune(config)
     metrics = train_metrics(result.run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 7)) and metrics[-1]["skipped_steps"] == 1
     assert math.isnan(metrics[2]["loss"]) and all(math.isfinite(m["loss"]) for m in metrics if m["step"] != 3)
@@ -218,9 +240,10 @@ def test_a_non_finite_step_is_skipped_on_every_worker_and_too_many_stop_the_run(
     assert "step 3: the loss is not finite on a worker; the step is skipped on every worker" in log_text
 
     again = config.replace(logs=str(tmp_path / "stop"), max_steps=8)
+    monkeypatch.setattr(driver, "train_loop_per_worker", nonfinite_loop({5: [0], 6: [1]}))
     with pytest.raises(ValueError, match=r"2 steps in a row up to step 6 had a non-finite loss .* the last good "
                                          r"checkpoint is .*stop/run/checkpoints/epoch_latest.pt"):
-        run_finetune(again, faults={"nonfinite": {5: [0], 6: [1]}})
+        run_finetune(again)
 
 
 def test_frozen_tensors_stay_bit_identical_and_ema_follows_the_decay(dataset, tmp_path, ray_local):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_platform.train.loop import cosine_lr, retrieval_recall
+from clip_platform.train.trainer import cosine_lr
+from clip_platform.train.validation import retrieval_recall
 from clip_platform.train.plan import Plan
 
 

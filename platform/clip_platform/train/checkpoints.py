@@ -1,17 +1,25 @@
-"""Rank/run context: logging on rank 0 in cn_clip's line format, run files
-(metrics.jsonl, sample audit), and checkpoint files in both layouts."""
+"""A run's checkpoints: restore at the start (Ray Train's latest checkpoint, or --resume) and
+save at cn_clip's save points, in both layouts: the Ray Train checkpoint (every worker's
+optimizer shard; rank 0's weights, position, EMA and LoRA adapter) and cn_clip's
+epoch_latest.pt / epoch{E}.pt / epoch_{E}_{S}.pt files."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import time
+import tempfile
 from pathlib import Path
+
+import torch
 
 import clip_models
 
 from ..io import atomic_path, write_json
+from . import lora
 from .config import TrainConfig
+from .engine import Engine
+from .plan import Position
+from .run_log import RunLogger
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
@@ -19,112 +27,110 @@ EMA_FILE = "ema.pt"
 log = logging.getLogger("clip_platform.train")
 
 
-class RunLogger:
-    """Writes only on rank 0: console + {logs}/{name}/out_<time>.log, metrics.jsonl,
-    and (with --record-sample-ids) sample_ids.jsonl."""
+class RunMismatch(ValueError):
+    """A run started again under its name with settings its checkpoint cannot continue."""
 
-    def __init__(self, config: TrainConfig, rank: int):
+
+class Checkpointer:
+    """One worker's side of the run's checkpoints: `restore` once at the start, `save` at each
+    save point (every worker takes part: its optimizer shard, Ray Train's report)."""
+
+    def __init__(self, config: TrainConfig, engine: Engine, rank: int, logger: RunLogger):
         self.config = config
-        self.enabled = rank == 0
-        if not self.enabled:
-            return
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime())
-        handler = logging.FileHandler(config.run_dir / f"out_{stamp}.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.DEBUG if config.debug else logging.INFO)
-        if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                   for h in log.handlers):
-            console = logging.StreamHandler()
-            console.setFormatter(handler.formatter)
-            log.addHandler(console)
-        log.propagate = False
-        self._params_file = config.run_dir / f"params_{stamp}.txt"
-        from .trackers import Trackers
+        self.engine = engine
+        self.rank = rank
+        self.logger = logger
 
-        self.trackers = Trackers(config)
+    # ------------------------------------------------------------ restore
+    def restore(self) -> tuple[Position, dict | None]:
+        """Restore the run's weights; returns its position, and the moving average a Ray Train
+        checkpoint holds (--ema-decay), if any."""
+        import ray.train
 
-    def info(self, message: str) -> None:
-        if self.enabled:
-            log.info(message)
+        # Ray Train hands back the run's latest checkpoint after a worker-group restart,
+        # and when a run of the same name and storage_path is started again.
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                return self._restore_ray_checkpoint(Path(directory))
+        if self.config.resume:
+            return self._restore_file(self.config.resume), None
+        return Position(), None
 
-    def warning(self, message: str) -> None:
-        if self.enabled:
-            log.warning(message)
+    def _restore_ray_checkpoint(self, directory: Path) -> tuple[Position, dict | None]:
+        state = json.loads((directory / STATE_FILE).read_text())
+        if self.config.lora_rank != (directory / lora.ADAPTER_DIR).is_dir():
+            raise RunMismatch(f"run {self.config.name!r} resumes from {directory}, trained "
+                              f"{'without' if self.config.lora_rank else 'with'} LoRA; this command asks "
+                              f"{'for' if self.config.lora_rank else 'for no'} --lora-rank: give another --name")
+        if self.config.lora_rank:
+            # The checkpoint's model.pt holds merged weights; the frozen base is the run's start
+            # (its --resume, or the seeded initialisation), the adapters are the checkpoint's.
+            if self.config.resume:
+                self._restore_file(self.config.resume)
+            lora.load_adapter(self.engine.module, directory / lora.ADAPTER_DIR)
+        else:
+            self.engine.load_model_state(clip_models.read_checkpoint(directory / MODEL_FILE)[0])
+        self.engine.load(directory, load_optimizer=True)
+        position = Position(**state["position"])
+        self.logger.info(f"=> resumed from checkpoint {directory} at epoch {position.epoch + 1}, "
+                         f"step {position.global_step}")
+        ema = directory / EMA_FILE
+        return position, torch.load(ema, map_location=self.engine.device, weights_only=True) if ema.is_file() \
+            else None
 
-    def log_params(self, plan, total_steps: int) -> None:
-        if not self.enabled:
-            return
-        params = dataclasses.asdict(self.config) | {"max_steps_resolved": total_steps,
-                                                     "steps_per_epoch": plan.steps_per_epoch,
-                                                     "num_samples": plan.num_samples,
-                                                     "world_size": plan.world_size}
-        self._params_file.write_text("".join(f"{k}: {params[k]}\n" for k in sorted(params)), encoding="utf-8")
-        log.info("Params:\n" + "".join(f"  {k}: {params[k]}\n" for k in sorted(params)))
+    def _restore_file(self, path: str) -> Position:
+        """--resume: any checkpoint clip_models.load accepts; cn_clip's epoch/step/optimizer too
+        when it is a file given by path (a released name starts from its weights only)."""
+        meta = {}  # filled by the one read of the file
+        sd, _, kind = clip_models.read_checkpoint(clip_models.resolve(path),
+                                                  meta=meta if Path(path).is_file() else None)
+        try:
+            self.engine.load_model_state(lora.to_wrapped_keys(sd, self.engine.module) if self.config.lora_rank else sd,
+                                         strict=not self.config.lora_rank)
+        except RuntimeError as exc:
+            raise ValueError(f"--resume {path} does not fit {self.config.vision_model}@{self.config.text_model}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+        position = Position()
+        if not self.config.reset_data_offset and "step" in meta:
+            saved = meta.get("data_position") or {"epoch": meta.get("epoch", 0), "step_in_epoch": 0}
+            position = Position(saved["epoch"], saved["step_in_epoch"], int(meta["step"]))
+        if not self.config.reset_optimizer and meta.get("optimizer") and self.config.backend == "ddp":
+            self.engine.optimizer.load_state_dict(meta["optimizer"])
+            self.logger.info("=> optimizer state is restored from the checkpoint")
+        self.logger.info(f"=> loaded {kind} '{path}' (epoch {position.epoch} @ {position.global_step} steps)")
+        return position
 
-    def train_line(self, m: dict, plan, total_steps: int) -> None:
-        if not self.enabled:
-            return
-        cfg = self.config
-        batch = cfg.batch_size * cfg.accum_freq
-        step_in_epoch = (m["step"] - 1) % plan.steps_per_epoch + 1
-        done = step_in_epoch * batch * plan.world_size
-        samples = plan.steps_per_epoch * batch * plan.world_size
-        acc = (f"Image2Text Acc: {m['i2t_acc'] * 100:.2f} | Text2Image Acc: {m['t2i_acc'] * 100:.2f} | "
-               if cfg.report_training_batch_acc else "")
-        log.info(f"Global Steps: {m['step']}/{total_steps} | Train Epoch: {m['epoch']} [{done}/{samples} "
-                 f"({100.0 * step_in_epoch / plan.steps_per_epoch:.0f}%)] | Loss: {m['loss']:.6f} | {acc}"
-                 f"Data Time: {m['data_time']:.3f}s | Batch Time: {m['batch_time']:.3f}s | LR: {m['lr']:5f} | "
-                 f"logit_scale: {m['logit_scale']:.3f} | Global Batch Size: {batch * plan.world_size}")
+    # ------------------------------------------------------------ save
+    def save(self, position: Position, metrics: dict, ema, epoch_end: int | None, step_file: bool = False,
+             final: bool = False) -> None:
+        """Ray Train checkpoint (every worker: its optimizer shard) plus cn_clip-layout
+        files from rank 0, at cn_clip's save points; `metrics` go with it to Ray Train."""
+        import ray.train
 
-    def validation_line(self, r: dict, position, model, batch_size: int) -> None:
-        if not self.enabled:
-            return
-        log.info(f"Validation Result (epoch {position.epoch + (1 if position.step_in_epoch else 0)} @ "
-                 f"{position.global_step} steps) | Valid Loss: {r['valid_loss']:.6f} | "
-                 f"Image2Text Acc: {r['valid_i2t_acc'] * 100:.2f} | Text2Image Acc: {r['valid_t2i_acc'] * 100:.2f} | "
-                 f"logit_scale: {model.logit_scale.item():.3f} | Valid Batch Size: {batch_size}")
-        log.info("Validation Recall | " + " | ".join(f"{k[6:]}: {v:.2f}" for k, v in r.items()
-                                                     if "_r" in k or k.endswith("mean_recall")))
-        self._append("metrics.jsonl", {"step": position.global_step, **r})
-
-    def worker_nodes(self, nodes: list[dict]) -> None:
-        """Where each rank runs ({run}/workers.json): placement is visible after the fact."""
-        if self.enabled:
-            write_json(self.config.run_dir / "workers.json", nodes, indent=1)
-            log.info(f"{len(nodes)} workers on {len({n['node_id'] for n in nodes})} node(s)")
-
-    def metrics(self, m: dict) -> None:
-        if self.enabled:
-            self._append("metrics.jsonl", m)
-
-    def record_samples(self, step: int, indices: list[int]) -> None:
-        if self.enabled:
-            self._append("sample_ids.jsonl", {"step": step, "indices": indices})
-
-    def zeroshot_line(self, r: dict, position) -> None:
-        if not self.enabled:
-            return
-        log.info(f"Zero-shot (epoch {position.epoch + (1 if position.step_in_epoch else 0)} @ {position.global_step} "
-                 f"steps) | {Path(self.config.zeroshot_data).name} top-1: {r['zeroshot_top1']:.2f} | "
-                 f"top-5: {r['zeroshot_top5']:.2f}" + (f" | {r['zeroshot_skipped']} unreadable images skipped"
-                                                      if r["zeroshot_skipped"] else ""))
-        self._append("metrics.jsonl", {"step": position.global_step, **r})
-
-    def finish(self, bad_records: list[str]) -> None:
-        if self.enabled and bad_records:
-            log.warning(f"{len(bad_records)} bad training records skipped (this worker's), e.g.: "
-                        + "; ".join(bad_records[:5]))
-        if self.enabled:
-            self.trackers.close()
-
-    def _append(self, name: str, record: dict) -> None:
-        with open(self.config.run_dir / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if name == "metrics.jsonl":
-            self.trackers.log(record)
+        config = self.config
+        raw_state = self.engine.model_state()
+        model_state = lora.merged_state(raw_state, config.lora_alpha / config.lora_rank) if config.lora_rank \
+            else raw_state
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            self.engine.save(directory)
+            if self.rank == 0:
+                write_ray_checkpoint(directory, self.engine.module, model_state, position)
+                if config.lora_rank:  # the adapter on its own, in the Ray checkpoint and beside epoch_latest.pt
+                    for folder in (directory / lora.ADAPTER_DIR, config.checkpoint_dir / "epoch_latest.lora"):
+                        lora.save_adapter(folder, raw_state, config.lora_rank, config.lora_alpha,
+                                          self.engine.module.lora_targets)
+                if ema is not None:
+                    torch.save(ema.state_dict(), directory / EMA_FILE)
+                    with ema.applied(self.engine.module):
+                        ema_state = self.engine.model_state()
+                    if config.lora_rank:
+                        ema_state = lora.merged_state(ema_state, config.lora_alpha / config.lora_rank)
+                    write_ema_file(config, ema_state, position)
+                write_cn_clip_files(config, model_state, position, epoch_end, step_file, final,
+                                    self.engine.optimizer_state_for_cn_clip())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def write_ray_checkpoint(directory: Path, model, model_state: dict, position) -> None:

@@ -7,11 +7,12 @@ Ray read tasks anywhere in the cluster; `SampleDecoder` decodes and transforms t
 in the same tasks with the data plane's `decode_batch`, and the stream comes back in plan order
 (preserve_order), so training is exactly reproducible and resumable. Bad records keep
 their slot with `valid=False` (shapes stay static for all_gather) and are excluded
-from the loss and counted.
+from the loss and counted; `to_device` puts a decoded micro-batch on the worker's device.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import clip_models
 
@@ -20,7 +21,8 @@ from ..data import PlannedPairsDatasource, count_pairs, decode_batch, open_pairs
 BLOCKS_PER_EPOCH = 64  # index blocks per epoch and rank: enough tasks to spread decoding
 DECODE_CPUS = 0.5  # CPUs per read + decode task
 
-__all__ = ["BLOCKS_PER_EPOCH", "DECODE_CPUS", "SampleDecoder", "count_pairs", "open_pairs", "stream_batches"]
+__all__ = ["BLOCKS_PER_EPOCH", "DECODE_CPUS", "SampleDecoder", "count_pairs", "open_pairs", "stream_batches",
+           "to_device"]
 
 
 class SampleDecoder:
@@ -69,3 +71,11 @@ def stream_batches(pairs, decoder: SampleDecoder, indices: np.ndarray, batch_siz
     dataset = ray.data.read_datasource(source, override_num_blocks=num_blocks, concurrency=concurrency,
                                        num_cpus=DECODE_CPUS)
     yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device, bad_records: list[str]):
+    """(images, tokens, valid) of a decoded micro-batch as tensors on `device`; the errors of
+    its bad records are appended to `bad_records`."""
+    for row in np.flatnonzero(~batch["valid"]):
+        bad_records.append(str(batch["error"][row]))
+    return tuple(torch.tensor(batch[key], device=device) for key in ("image", "tokens", "valid"))

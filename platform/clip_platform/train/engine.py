@@ -1,5 +1,6 @@
 """The model under distribution: DeepSpeed (ZeRO 0-3) or DDP, behind one small
-interface. Distribution is applied here, from outside the model."""
+interface. Distribution is applied here, from outside the model; `world` and
+`gather_objects` are the worker group's rank and its one object collective."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,21 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def gather_objects(value, merge: bool = True):
+    """all_gather_object; with merge, dicts are merged into one."""
+    _, world_size = world()
+    parts = [value]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, value)
+    if not merge:
+        return parts
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The sample plan: which pair each worker trains on at each step.
+"""The sample plan: which pair each worker trains on at each step, and the `Position` in it
+that a run saves and resumes from.
 
 The order is cn_clip's: the split is padded with its first samples to a multiple
 of the per-micro-batch global size (batch x workers), permuted with
@@ -15,6 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass
+class Position:
+    """Where training stands: the next step to run."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
 
 
 @dataclass(frozen=True)
