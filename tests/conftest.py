@@ -27,6 +27,8 @@ def tiny_rn() -> clip_models.CLIP:
     return clip_models.create_model(TINY_RN).eval()
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
 RAY_LOCAL_ARGS = dict(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
                       configure_logging=False, log_to_driver=False)
 
@@ -49,6 +51,10 @@ def start_local_ray():
         # the Serve tests reach the Gateway both through the proxy and on its replica's own port.
         os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # no balancer to drain
+        # The S3 tests' server (moto, on loopback) takes any keys; Ray's workers read them from
+        # here, so every process of the session has them. No instance metadata service to ask.
+        for name, value in S3_ENV.items():
+            os.environ.setdefault(name, value)
         ray.init(**RAY_LOCAL_ARGS)
     return ray
 

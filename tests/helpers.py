@@ -65,7 +65,8 @@ def write_features_jsonl(path: Path, features, id_key: str) -> Path:
     from clip_platform.data.features import jsonl_lines
     from clip_platform.io import write_lines
 
-    return write_lines(path, jsonl_lines(features, id_key))
+    write_lines(path, jsonl_lines(features, id_key))
+    return path
 
 
 def torch_features(tmp_path: Path, struct: str, images=None):

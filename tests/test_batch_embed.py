@@ -307,7 +307,7 @@ def test_cli_errors_are_one_line_exit_2(ray_local, corpus, tmp_path, capsys, arg
     root, checkpoint, _ = corpus
     other = tmp_path / "other"
     store = ShardStore(other / "images", IMAGES)
-    store.directory.mkdir(parents=True)
+    (other / "images").mkdir(parents=True)
     store.save_plan({"requested": 1, "input": {"kind": "tsv", "path": "elsewhere"}, "settings": {}})
     args = [a.format(ckpt=checkpoint, data=root / "data", other=other) for a in args]
     with pytest.raises(SystemExit) as exit_info:

@@ -23,7 +23,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import pyarrow.fs as pafs
 import yaml
+
+from .io import is_uri, resolve_filesystem
 
 T = TypeVar("T")
 
@@ -207,10 +210,30 @@ def _describe(kind: Any) -> str:
 
 # ---------------------------------------------------------------- shared checks
 
-def check_output(path: str | None, what: str, directory: bool = False) -> None:
+LOCAL_ONLY = "this job writes to local or shared-filesystem paths, not URIs"
+
+
+def check_output(path: str | None, what: str, directory: bool = False, uri: str | None = LOCAL_ONLY) -> None:
     """Fail before any work starts where a job could not write `path`: a directory where its
-    file goes, a file where its directory goes, or a file where a parent folder is needed."""
-    if not path or "://" in path:
+    file goes, a file where its directory goes, or a file where a parent folder is needed. A URI
+    is refused with the message `uri` (why this output must be local), or (uri None: the job
+    writes through clip_platform.io) checked for a filesystem that knows its scheme and answers."""
+    if not path:
+        return
+    if is_uri(path):
+        if uri is not None:
+            raise ValueError(f"{what} {path}: {uri}")
+        fs, inner = resolve_filesystem(path)
+        try:
+            info = fs.get_file_info(inner)
+            top = inner.strip("/").split("/")[0]  # the bucket: its writes would fail only after the work
+            if info.type == pafs.FileType.NotFound and fs.get_file_info(top).type == pafs.FileType.NotFound:
+                raise ValueError(f"{what} {path}: {top} does not exist; create it first")
+        except OSError as exc:
+            raise ValueError(f"{what} {path} cannot be reached: {str(exc).strip().splitlines()[0]}") from None
+        if info.type != pafs.FileType.NotFound and (info.type == pafs.FileType.Directory) != directory:
+            raise ValueError(f"{what} {path} is {'a file' if directory else 'a folder'}; give a "
+                             f"{'folder' if directory else 'file'} path")
         return
     target = Path(path).expanduser()
     if target.exists() and target.is_dir() != directory:

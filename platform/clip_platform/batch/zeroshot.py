@@ -178,7 +178,7 @@ def elevater_json(model: clip_models.CLIP, model_name: str, dataset: str, probs:
     }
 
 
-def write_elevater_json(path: str | os.PathLike, payload: dict) -> Path:
+def write_elevater_json(path: str | os.PathLike, payload: dict) -> str:
     return write_lines(path, [json_prec_dump(payload)])
 
 

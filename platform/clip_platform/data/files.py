@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from ..io import resolve_filesystem
+
 _GLOB_CHARS = "*?["
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -29,17 +31,6 @@ class FileRange:
     start: int
     stop: int   # exclusive; for compressed files the whole file is one range
     compressed: bool = False
-
-
-def resolve_filesystem(path: str | os.PathLike,
-                       filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
-    path = os.fspath(path)
-    if filesystem is not None:
-        return filesystem, path
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def expand_braces(path: str) -> list[str]:

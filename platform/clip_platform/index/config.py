@@ -65,7 +65,8 @@ class IndexConfig:
         for path in paths:
             config_io.check_not_empty(path, "--features")
         if not self.add:
-            config_io.check_output(self.output, "--output", directory=True)
+            config_io.check_output(self.output, "--output", directory=True,
+                                   uri="the index folder stays on a local or shared filesystem: FAISS memory-maps it")
 
     @property
     def memory_bytes(self) -> int:

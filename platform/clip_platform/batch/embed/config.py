@@ -3,12 +3,12 @@ where each modality's features go."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import clip_models
 
 from ... import config as config_io
+from ...io import join
 from ...encode.backends import BACKENDS, check_backend
 from .source import IMAGES, TEXTS, Modality
 from .store import FORMATS
@@ -71,9 +71,10 @@ class EmbedConfig:
                                    ("--image-data", self.image_data, self.extract_image_feats)):
             if wanted:
                 config_io.check_not_empty(path, flag)
-        config_io.check_output(self.image_feat_output_path, "--image-feat-output-path")
-        config_io.check_output(self.text_feat_output_path, "--text-feat-output-path")
-        config_io.check_output(self.output_dir, "--output-dir", directory=True)
+        # Every output is written through clip_platform.io: local paths and URIs alike.
+        config_io.check_output(self.image_feat_output_path, "--image-feat-output-path", uri=None)
+        config_io.check_output(self.text_feat_output_path, "--text-feat-output-path", uri=None)
+        config_io.check_output(self.output_dir, "--output-dir", directory=True, uri=None)
 
     @property
     def model_source(self) -> str:
@@ -102,7 +103,7 @@ class Target:
 
     modality: Modality
     data: str
-    shards_dir: Path
+    shards_dir: str  # a local path or a URI
     format: str
     jsonl: str | None  # cn_clip JSONL written from the shards
     keep_shards: bool  # False: the shards only serve resuming, removed once merged
@@ -131,10 +132,10 @@ def targets(config: EmbedConfig) -> list[Target]:
     out = []
     for modality, data, explicit, default, batch_size in wanted:
         if config.output_dir:
-            out.append(Target(modality, data, Path(config.output_dir) / modality.name, config.format, explicit,
+            out.append(Target(modality, data, join(config.output_dir, modality.name), config.format, explicit,
                               True, batch_size))
         else:
             jsonl = explicit or default
-            out.append(Target(modality, data, Path(f"{jsonl}.parts"), "jsonl", jsonl, False, batch_size))
+            out.append(Target(modality, data, f"{jsonl}.parts", "jsonl", jsonl, False, batch_size))
     return out
 

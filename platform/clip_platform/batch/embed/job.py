@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from typing import Any
 
 from ...encode.encoder import IMAGE, TEXT
-from ...io import write_json
+from ...io import remove, write_json
 from ...model_info import ModelInfo, inspect_model, same_model
 from ...ray_context import ensure_ray
 from .config import EmbedConfig, EmbedReport, Target, targets
@@ -95,9 +94,9 @@ def embed_target(target: Target, config: EmbedConfig, model: ModelInfo, resource
                          output, time.perf_counter() - start, num_encoded / max(1e-9, encode_seconds),
                          len(progress.nodes) if progress else 0)
     if target.keep_shards:
-        write_json(store.directory / "_summary.json", asdict(report))
+        write_json(store.path("_summary.json"), asdict(report))
     else:
-        shutil.rmtree(store.directory, ignore_errors=True)
+        remove(store.directory)
     log.info("%s: %d features (%d encoded now, %.1f/s, on %d node(s)); %s", target.modality.name, num_features,
              num_encoded, report.per_second, report.num_nodes, skipped)
     return report

@@ -18,11 +18,12 @@ without Ray.
 """
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
-import shutil
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 from ...data.bad_records import BadRecordCounter, BadRecordSummary
 from ...data.features import PLAN_FILE, Features, features_table, jsonl_lines, table_to_features
 from ...data.records import DUPLICATE_ID, BadRecord
-from ...io import atomic_path, write_json, write_lines
+from ...io import (atomic_path, file_names, join, name_of, read_file, remove, resolve_filesystem, write_json,
+                    write_lines)
 from .source import MARKER_ROW, Modality
 
 FORMATS = ("parquet", "jsonl")
@@ -113,61 +115,56 @@ class ShardAssembler:
 # ---------------------------------------------------------------- the shard folder
 
 class ShardStore:
-    def __init__(self, directory: str | Path, modality: Modality, fmt: str = "parquet"):
+    """One output folder, a local path or a URI (s3://bucket/features/images): every name is
+    joined as a string and every file goes through clip_platform.io."""
+
+    def __init__(self, directory: str | os.PathLike, modality: Modality, fmt: str = "parquet"):
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        self.directory = Path(directory)
+        self.directory = os.fspath(directory)
         self.modality = modality
         self.format = fmt
 
     # -- names
-    def data_path(self, shard: int, num_shards: int) -> Path:
-        return self.directory / f"part-{shard:05d}-of-{num_shards:05d}.{self.format}"
+    def path(self, *names: str) -> str:
+        return join(self.directory, *names)
 
-    def record_path(self, shard: int) -> Path:
-        return self.directory / STATE_DIR / f"{shard:05d}.json"
+    def data_path(self, shard: int, num_shards: int) -> str:
+        return self.path(f"part-{shard:05d}-of-{num_shards:05d}.{self.format}")
 
-    def ids_path(self, shard: int) -> Path:
-        return self.directory / STATE_DIR / f"{shard:05d}.ids.npy"
+    def record_path(self, shard: int) -> str:
+        return self.path(STATE_DIR, f"{shard:05d}.json")
+
+    def ids_path(self, shard: int) -> str:
+        return self.path(STATE_DIR, f"{shard:05d}.ids.npy")
 
     # -- the plan
     def load_plan(self) -> dict[str, Any] | None:
-        path = self.directory / PLAN_FILE
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # a plan we cannot read is no plan: its shards are redone
+        return _read_json(self.path(PLAN_FILE))  # a plan we cannot read is no plan: its shards are redone
 
     def save_plan(self, plan: dict[str, Any]) -> None:
-        write_json(self.directory / PLAN_FILE, plan)
+        write_json(self.path(PLAN_FILE), plan)
 
     def clear(self) -> None:
         """Forget every shard (the folder's earlier run was of another input or model)."""
-        shutil.rmtree(self.directory / STATE_DIR, ignore_errors=True)
-        for path in self.directory.glob("part-*-of-*.*"):
-            path.unlink()
-        (self.directory / PLAN_FILE).unlink(missing_ok=True)
+        remove(self.path(STATE_DIR))
+        for name in file_names(self.directory):
+            if fnmatch.fnmatch(name, "part-*-of-*.*") or name == PLAN_FILE:
+                remove(self.path(name))
 
     # -- shards
     def record(self, shard: int) -> dict[str, Any] | None:
-        path = self.record_path(shard)
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        return _read_json(self.record_path(shard))
 
     def finished(self, num_shards: int) -> set[int]:
-        """Shards whose record, ids and data file are all there."""
+        """Shards whose record, ids and data file are all there (one listing of each folder)."""
+        state, data = set(file_names(self.path(STATE_DIR))), set(file_names(self.directory))
         done = set()
         for shard in range(num_shards):
-            record = self.record(shard)
-            if record is None or not self.ids_path(shard).is_file():
+            if f"{shard:05d}.json" not in state or f"{shard:05d}.ids.npy" not in state:
                 continue
-            if record["num_features"] and not self.data_path(shard, num_shards).is_file():
+            record = self.record(shard)
+            if record is None or (record["num_features"] and name_of(self.data_path(shard, num_shards)) not in data):
                 continue
             done.add(shard)
         return done
@@ -181,10 +178,10 @@ class ShardStore:
             np.save(out, shard.features.ids)
         write_json(self.record_path(shard.shard), {
             "shard": shard.shard, "num_rows": shard.num_rows, "num_features": len(shard.features),
-            "file": self.data_path(shard.shard, num_shards).name if len(shard.features) else None,
+            "file": name_of(self.data_path(shard.shard, num_shards)) if len(shard.features) else None,
             "bad_records": shard.bad_records})
 
-    def _write_data(self, path: Path, features: Features, paths: list[str] | None) -> None:
+    def _write_data(self, path: str, features: Features, paths: list[str] | None) -> None:
         if self.format == "parquet":
             table = features_table(features)
             if paths is not None:
@@ -197,7 +194,10 @@ class ShardStore:
     def records(self, num_shards: int) -> list[dict[str, Any]]:
         return [r for r in (self.record(i) for i in range(num_shards)) if r is not None]
 
-    def data_files(self, num_shards: int) -> list[Path]:
+    def _ids(self, shard: int) -> np.ndarray:
+        return np.load(io.BytesIO(read_file(self.ids_path(shard))))
+
+    def data_files(self, num_shards: int) -> list[str]:
         return [self.data_path(r["shard"], num_shards) for r in self.records(num_shards) if r["num_features"]]
 
     # -- after the last shard
@@ -206,7 +206,7 @@ class ShardStore:
         others, recording them as skipped: the output then has each id exactly once
         even when the input lists an id twice. Idempotent, so safe on every run."""
         shards = [r["shard"] for r in self.records(num_shards) if r["num_features"]]
-        ids = [np.load(self.ids_path(s)) for s in shards]
+        ids = [self._ids(s) for s in shards]
         if not ids:
             return 0
         all_ids = np.concatenate(ids)
@@ -226,17 +226,17 @@ class ShardStore:
     def _drop_rows(self, shard: int, num_shards: int, ids: np.ndarray, keep: np.ndarray) -> None:
         path = self.data_path(shard, num_shards)
         if self.format == "parquet":
-            table = pq.read_table(path).filter(pa.array(keep))
+            table = _read_table(path).filter(pa.array(keep))
             with atomic_path(path) as tmp:
                 pq.write_table(table, tmp)
         else:
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            lines = read_file(path).decode("utf-8").splitlines(keepends=True)
             write_lines(path, (line for line, kept in zip(lines, keep) if kept))
         with atomic_path(self.ids_path(shard)) as tmp, open(tmp, "wb") as out:
             np.save(out, ids[keep])
         record = self.record(shard)
         record["num_features"] = int(keep.sum())
-        record["bad_records"] += [{"kind": DUPLICATE_ID, "id": int(i), "where": path.name,
+        record["bad_records"] += [{"kind": DUPLICATE_ID, "id": int(i), "where": name_of(path),
                                    "detail": "the id was embedded already from an earlier record; the first is kept"}
                                   for i in ids[~keep].tolist()]
         write_json(self.record_path(shard), record)
@@ -251,7 +251,7 @@ class ShardStore:
                            for r in record["bad_records"])
         return num_features, counter.summary()
 
-    def merge_jsonl(self, num_shards: int, output: str | Path) -> int:
+    def merge_jsonl(self, num_shards: int, output: str | os.PathLike) -> int:
         """All shards, in order, as one cn_clip feature JSONL (written atomically); returns its lines."""
         num_lines = 0
         with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
@@ -261,14 +261,28 @@ class ShardStore:
                     num_lines += 1
         return num_lines
 
-    def _lines(self, path: Path) -> Iterator[str]:
+    def _lines(self, path: str) -> Iterator[str]:
         if self.format == "jsonl":
-            with open(path, encoding="utf-8") as lines:
-                yield from lines
+            yield from read_file(path).decode("utf-8").splitlines(keepends=True)
             return
-        table = pq.read_table(path)
+        table = _read_table(path)
         paths = table.column("path").to_pylist() if "path" in table.column_names else None
         yield from feature_lines(table_to_features(table, str(path)), self.modality.id_key, paths)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    data = read_file(path)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _read_table(path: str) -> pa.Table:
+    fs, inner = resolve_filesystem(path)
+    return pq.read_table(inner, filesystem=fs)
 
 
 def feature_lines(features: Features, id_key: str, paths: list[str] | None = None) -> Iterable[str]:

@@ -1,0 +1,124 @@
+"""Paths on object storage, against a real S3 server on loopback (moto's server mode): the embed
+job writes its feature shards into a bucket and resumes from the shards already there; a scheme
+no filesystem knows, and an output that must stay local, are refused in one line."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import clip_models
+from clip_platform.batch.embed.store import ShardStore
+from clip_platform.data import SyntheticConfig, make_synthetic
+from clip_platform.data.features import read_features
+from conftest import S3_ENV
+from helpers import load_job
+
+TINY = "ViT-Tiny@BERT-Tiny-chinese"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """(a URI query reaching the server, a pyarrow S3FileSystem on it) with the bucket `features`."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in S3_ENV.items():
+        os.environ.setdefault(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True)
+    fs.create_dir("features")
+    yield f"endpoint_override={host}:{port}&scheme=http", fs
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3")
+    make_synthetic(SyntheticConfig(str(root / "data"), num_train=1, num_valid=12, num_test=0, resolution=32,
+                                   zeroshot_per_class=0))
+    torch.manual_seed(0)
+    return root, clip_models.save_checkpoint(clip_models.create_model(TINY).eval(), root / "tiny.pt")
+
+
+def run_embed(args: list[str], capsys) -> dict:
+    load_job("embed").main(args)
+    [report] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return report
+
+
+def test_embed_writes_its_shards_into_the_bucket_and_resumes_from_them(ray_local, s3, corpus, tmp_path, capsys,
+                                                                       monkeypatch):
+    query, fs = s3
+    root, checkpoint = corpus
+    monkeypatch.chdir(tmp_path)  # a local folder named "s3:" would appear here
+    common = ["--extract-image-feats", "--image-data", str(root / "data" / "valid_imgs.tsv"), "--resume",
+              str(checkpoint), "--rows-per-shard", "4", "--img-batch-size", "4"]
+    local = run_embed(common + ["--output-dir", str(tmp_path / "local")], capsys)
+    uri = f"s3://features/run?{query}"
+
+    write, calls = ShardStore.write, []
+
+    def interrupted_write(self, shard, num_shards):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the job dies after its first shard
+        calls.append(shard.shard)
+        write(self, shard, num_shards)
+
+    monkeypatch.setattr(ShardStore, "write", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(common + ["--output-dir", uri], capsys)
+    monkeypatch.setattr(ShardStore, "write", write)
+    report = run_embed(common + ["--output-dir", uri], capsys)
+
+    assert report["shards_dir"] == f"s3://features/run/images?{query}"
+    assert (report["num_shards"], report["num_shards_reused"], report["num_features"]) == (3, 1, 12)
+    assert not any(name.startswith("s3") for name in os.listdir(tmp_path))
+    names = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector("features/run/images")))
+    assert names == ["_plan.json", "_shards", "_summary.json", "part-00000-of-00003.parquet",
+                     "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]
+    remote = pq.read_table("features/run/images", filesystem=fs)
+    expected = read_features(local["shards_dir"], "image_id")
+    order = remote.column("id").to_numpy().argsort()
+    assert sorted(remote.column("id").to_pylist()) == sorted(expected.ids.tolist())
+    got = torch.tensor(remote.column("feature").to_pylist())[order]
+    torch.testing.assert_close(got, torch.from_numpy(expected.vectors[expected.ids.argsort()]), atol=2e-6, rtol=0)
+
+    again = run_embed(common + ["--output-dir", uri], capsys)  # everything is in the bucket already
+    assert (again["num_shards_reused"], again["num_encoded"]) == (3, 0)
+
+
+@pytest.mark.parametrize("output, message", [
+    ("foo://bucket/x", "foo://bucket/x: Unrecognized filesystem type in URI"),
+    ("s3://no-such-bucket/x?{query}", "no-such-bucket does not exist; create it first"),
+])
+def test_an_output_uri_that_cannot_be_written_is_one_line(s3, corpus, capsys, output, message):
+    from clip_platform import cli
+
+    root, checkpoint = corpus
+    args = ["--output-dir", output.format(query=s3[0])]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_job("embed").main, ["--extract-image-feats", "--image-data",
+                                         str(root / "data" / "valid_imgs.tsv"), "--resume", str(checkpoint), *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_outputs_that_stay_local_refuse_a_uri_in_one_line(s3, tmp_path, capsys):
+    from clip_platform import cli
+
+    query, _ = s3
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_job("build_index").main, ["--features", str(tmp_path), "--output", f"s3://features/index?{query}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "FAISS memory-maps it" in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_job("knn").main, ["--image-feats", str(tmp_path), "--text-feats", str(tmp_path),
+                                       "--output", f"s3://features/predictions.jsonl?{query}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "not URIs" in err and len(err.splitlines()) == 1, err
