@@ -1,11 +1,13 @@
 """Paths on object storage, against a real S3 server on loopback (moto's server mode): the embed
-job writes its feature shards into a bucket and resumes from the shards already there; a scheme
-no filesystem knows, and an output that must stay local, are refused in one line."""
+job writes its feature shards into a bucket and resumes from the shards already there; an index
+built from features in a bucket equals the one built from the same local files; a scheme no
+filesystem knows, a missing bucket and an output that must stay local are refused in one line."""
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -122,3 +124,30 @@ def test_outputs_that_stay_local_refuse_a_uri_in_one_line(s3, tmp_path, capsys):
                                        "--output", f"s3://features/predictions.jsonl?{query}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "not URIs" in err and len(err.splitlines()) == 1, err
+
+
+def test_build_index_from_features_in_the_bucket_equals_the_one_from_local_files(ray_local, s3, tmp_path, capsys):
+    from clip_platform.data.features import Features, write_features_parquet
+    from clip_platform.index import open_index
+
+    query, fs = s3
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    corpus = Features(rng.permutation(10_000)[:600].astype(np.int64), vectors)
+    local = tmp_path / "features"
+    for part in range(3):
+        path = write_features_parquet(local / f"part-{part:05d}-of-00003.parquet",
+                                      corpus.slice(200 * part, 200 * part + 200), row_group_rows=50)
+        pafs.copy_files(str(path), f"features/index-input/{path.name}", destination_filesystem=fs)
+    job = load_job("build_index").main
+    job(["--features", str(local), "--output", str(tmp_path / "from-local"), "--rows-per-shard", "100"])
+    job(["--features", f"s3://features/index-input?{query}", "--output", str(tmp_path / "from-s3"),
+         "--rows-per-shard", "100"])
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["count"] for r in reports] == [600, 600] and reports[0]["factory"] == reports[1]["factory"]
+    queries = vectors[::40]
+    a, b = open_index(tmp_path / "from-local"), open_index(tmp_path / "from-s3")
+    np.testing.assert_array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
+    assert b.lookup([int(corpus.ids[250])]) == {int(corpus.ids[250]): {
+        "file": f"s3://features/index-input/part-00001-of-00003.parquet?{query}", "row": 50}}

@@ -14,6 +14,7 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION variables, or th
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -101,6 +102,36 @@ def write_json(path: PathLike, payload: Any, **options) -> str:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         json.dump(payload, out, **{"ensure_ascii": False, **options})
     return os.fspath(path)
+
+
+def open_input(path: PathLike, random_access: bool = False):
+    """A binary file object over a local path or a URI: buffered and line-iterable, or (random
+    access: pyarrow's own seekable file, for Parquet footers and row groups and Arrow's readers)
+    seekable."""
+    fs, inner = resolve_filesystem(path)
+    if random_access:
+        return fs.open_input_file(inner)
+    return open(inner, "rb") if not is_uri(path) else io.BufferedReader(fs.open_input_stream(inner))
+
+
+def canonical(path: PathLike) -> str:
+    """One spelling per file, to tell whether two paths are the same: the real path of a local
+    file, the URI itself."""
+    return os.fspath(path) if is_uri(path) else os.path.realpath(os.fspath(path))
+
+
+def parent(path: PathLike) -> str:
+    """The folder holding `path`, a local path or a URI (its query kept)."""
+    text = os.fspath(path)
+    if not is_uri(text):
+        return os.path.dirname(os.path.abspath(text))
+    head, mark, query = text.partition("?")
+    return head.rstrip("/").rsplit("/", 1)[0] + mark + query
+
+
+def file_info(path: PathLike) -> pafs.FileInfo:
+    fs, inner = resolve_filesystem(path)
+    return fs.get_file_info(inner)
 
 
 def read_file(path: PathLike) -> bytes | None:

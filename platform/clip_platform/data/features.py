@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..io import atomic_path
+from ..io import atomic_path, is_uri, open_input, resolve_filesystem
+from .files import list_files
 
 ID_KEYS = ("image_id", "text_id", "id")  # the id field of a JSONL feature line
 FEATURE_SUFFIXES = (".parquet", ".jsonl")
@@ -70,15 +72,17 @@ class Features:
 
 # ---------------------------------------------------------------- locating files
 
-def feature_files(path: str | os.PathLike) -> list[Path]:
-    """The feature files at `path`: the file itself, a directory's *.parquet / *.jsonl sorted by
-    name, or what a glob pattern matches (`features/*/images`, `shards/part-*.parquet`), in the
-    order of the sorted matches."""
+def feature_files(path: str | os.PathLike) -> list[str]:
+    """The feature files at `path`, a local path or a URI: the file itself, a directory's
+    *.parquet / *.jsonl sorted by name, or what a glob pattern matches (`features/*/images`,
+    `shards/part-*.parquet`), in the order of the sorted matches."""
+    if is_uri(path):
+        return _uri_feature_files(os.fspath(path))
     path = Path(path)
     if path.is_file():
-        return [path]
+        return [str(path)]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FEATURE_SUFFIXES)
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in FEATURE_SUFFIXES)
         if not files:
             raise ValueError(f"feature directory {path} holds no *.parquet or *.jsonl files")
         return files
@@ -91,8 +95,32 @@ def feature_files(path: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"feature file or directory {path} does not exist")
 
 
-def is_parquet(path: Path) -> bool:
-    return path.suffix == ".parquet"
+def _uri_feature_files(path: str) -> list[str]:
+    """feature_files on another filesystem: the same rules, each file named by a URI like `path`
+    (its scheme and query)."""
+    scheme, query = path.split("://", 1)[0], path.partition("?")[2]
+
+    def uri(inner: str) -> str:
+        return f"{scheme}://{inner}" + (f"?{query}" if query else "")
+
+    fs, inner = resolve_filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(inner))
+                       if i.type == pafs.FileType.File and i.path.endswith(FEATURE_SUFFIXES))
+        if not files:
+            raise ValueError(f"feature directory {path} holds no *.parquet or *.jsonl files")
+        return [uri(f) for f in files]
+    if any(c in inner for c in "*?["):
+        _, infos = list_files(path, None, FEATURE_SUFFIXES)
+        return [uri(i.path) for i in infos]
+    raise FileNotFoundError(f"feature file or directory {path} does not exist")
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return os.fspath(path).partition("?")[0].endswith(".parquet")
 
 
 # ---------------------------------------------------------------- reading
@@ -110,16 +138,16 @@ def read_features(path: str | os.PathLike, id_key: str | None = None) -> Feature
 def read_feature_file(path: str | os.PathLike, id_key: str | None = None) -> Features:
     """One JSONL or Parquet feature file. `id_key` ("image_id"/"text_id") is the
     JSONL id field expected; Parquet files always use `id`."""
-    path = Path(path)
+    path = os.fspath(path)
     features = read_parquet_features(path) if is_parquet(path) else read_jsonl_features(path, id_key)
     check_finite(features, str(path))
     check_unique_ids(features.ids, str(path))
     return features
 
 
-def read_parquet_features(path: Path, row_groups: Sequence[int] | None = None) -> Features:
+def read_parquet_features(path: str, row_groups: Sequence[int] | None = None) -> Features:
     try:
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(open_input(path, random_access=True))
         table = file.read_row_groups(list(row_groups), columns=["id", "feature"]) if row_groups is not None \
             else file.read(columns=["id", "feature"])
     except (pa.ArrowInvalid, OSError, KeyError) as exc:
@@ -162,13 +190,14 @@ def _is_numeric_list(t: pa.DataType) -> bool:
     return is_list and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
 
 
-def read_jsonl_features(path: Path, id_key: str | None = None) -> Features:
+def read_jsonl_features(path: str, id_key: str | None = None) -> Features:
     """cn_clip's JSONL features. A fast Arrow parse first; any problem falls back
     to a line-by-line parse, which reports the offending line."""
     import pyarrow.json as pj
 
     try:
-        table = pj.read_json(path)
+        with open_input(path, random_access=True) as stream:
+            table = pj.read_json(stream)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return _read_jsonl_slowly(path, id_key)
     key = _pick_id_key(table.column_names, id_key, f"{path}")
@@ -197,7 +226,7 @@ def json_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line of a JSONL file, `where` being "FILE line N" for
     messages; a line that is not a JSON object is a ValueError naming it. Shared by the
     feature, prediction and annotation readers."""
-    with open(path, "rb") as lines:  # decoded line by line, so a bad byte's error can name its line
+    with open_input(path) as lines:  # decoded line by line, so a bad byte's error can name its line
         for number, raw in enumerate(lines, 1):
             where = f"{path} line {number}"
             try:
@@ -215,7 +244,7 @@ def json_objects(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             yield where, obj
 
 
-def _read_jsonl_slowly(path: Path, id_key: str | None) -> Features:
+def _read_jsonl_slowly(path: str, id_key: str | None) -> Features:
     ids: list[int] = []
     rows: list[list[float]] = []
     key = None
@@ -279,19 +308,18 @@ class FeatureShard:
     first_row: int = 0  # row of the file where the shard starts (the rows of the row groups before it)
 
     def read(self) -> Features:
-        path = Path(self.path)
         if self.row_groups is None:
-            return read_feature_file(path, self.id_key)
-        features = read_parquet_features(path, self.row_groups)
+            return read_feature_file(self.path, self.id_key)
+        features = read_parquet_features(self.path, self.row_groups)
         check_finite(features, self.path)
         return features
 
     def read_paths(self) -> list[str] | None:
         """The shard's `path` column (the names the embed job keeps for string-named records,
         such as webdataset keys), aligned with `read()`; None where the file has none (JSONL)."""
-        if not is_parquet(Path(self.path)):
+        if not is_parquet(self.path):
             return None
-        file = pq.ParquetFile(self.path)
+        file = pq.ParquetFile(open_input(self.path, random_access=True))
         if "path" not in file.schema_arrow.names:
             return None
         table = file.read(columns=["path"]) if self.row_groups is None \
@@ -306,27 +334,27 @@ def plan_shards(path: str | os.PathLike, max_rows: int, id_key: str | None = Non
     shards = []
     for file in feature_files(path):
         if not is_parquet(file):
-            shards.append(FeatureShard(str(file), id_key=id_key))
+            shards.append(FeatureShard(file, id_key=id_key))
             continue
         shards.extend(_parquet_shards(file, max_rows))
     return shards
 
 
-def _parquet_shards(file: Path, max_rows: int) -> list[FeatureShard]:
+def _parquet_shards(file: str, max_rows: int) -> list[FeatureShard]:
     try:
-        meta = pq.ParquetFile(file).metadata
+        meta = pq.ParquetFile(open_input(file, random_access=True)).metadata
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{file} is not a readable Parquet file: {exc}") from None
     shards, groups, rows, first = [], [], 0, 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if groups and rows + n > max_rows:
-            shards.append(FeatureShard(str(file), tuple(groups), rows, first_row=first))
+            shards.append(FeatureShard(file, tuple(groups), rows, first_row=first))
             groups, rows, first = [], 0, first + rows
         groups.append(g)
         rows += n
     if groups:
-        shards.append(FeatureShard(str(file), tuple(groups), rows, first_row=first))
+        shards.append(FeatureShard(file, tuple(groups), rows, first_row=first))
     return shards
 
 
@@ -348,12 +376,13 @@ def iter_feature_blocks(path: str | os.PathLike, block_rows: int, id_key: str | 
         yield Features.concat(pending)
 
 
-def _iter_file(file: Path, block_rows: int, id_key: str | None) -> Iterator[Features]:
+def _iter_file(file: str, block_rows: int, id_key: str | None) -> Iterator[Features]:
     if not is_parquet(file):
         yield read_feature_file(file, id_key)
         return
     try:
-        batches = pq.ParquetFile(file).iter_batches(batch_size=block_rows, columns=["id", "feature"])
+        batches = pq.ParquetFile(open_input(file, random_access=True)).iter_batches(batch_size=block_rows,
+                                                                                   columns=["id", "feature"])
         for batch in batches:
             features = table_to_features(pa.Table.from_batches([batch]), str(file))
             check_finite(features, str(file))

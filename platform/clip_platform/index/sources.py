@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..data.features import PLAN_FILE, FeatureShard, feature_files, plan_shards
+from ..io import canonical, file_info, join, parent, read_file
 from ..model_info import same_model
 
 
@@ -26,30 +26,31 @@ class Inputs:
 
 
 def plan_inputs(paths: Sequence[str], rows_per_shard: int) -> Inputs:
-    """Every feature file of `paths` (folders, globs, files), each once, cut into shards."""
-    files: list[Path] = []
+    """Every feature file of `paths` (folders, globs, files; local or URIs), each once, cut into shards."""
+    files: list[str] = []
     for path in paths:
         files += feature_files(path)
-    seen: dict[Path, Path] = {}
+    seen: set[str] = set()
     for file in files:
-        if file.resolve() in seen:
+        if canonical(file) in seen:
             raise ValueError(f"feature file {file} is given twice by --features; its ids would be indexed twice")
-        seen[file.resolve()] = file
+        seen.add(canonical(file))
     shards, shard_sources = [], []
     for number, file in enumerate(files):
         shards += plan_shards(file, rows_per_shard)
         shard_sources += [number] * (len(shards) - len(shard_sources))
-    sources = [{"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    infos = [file_info(f) for f in files]
+    sources = [{"path": f, "bytes": i.size, "mtime_ns": i.mtime_ns} for f, i in zip(files, infos)]
     return Inputs(shards, sources, embed_model(files), shard_sources)
 
 
-def embed_model(files: Sequence[Path]) -> dict[str, Any] | None:
+def embed_model(files: Sequence[str]) -> dict[str, Any] | None:
     """The model fingerprint the embed job recorded in the folders holding `files`. Features of
     two models live in two spaces, so an index over both would rank nonsense: an error."""
-    first: tuple[Path, dict] | None = None
-    for folder in dict.fromkeys(f.parent for f in files):
+    first: tuple[str, dict] | None = None
+    for folder in dict.fromkeys(parent(f) for f in files):
         try:
-            plan = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+            plan = json.loads(read_file(join(folder, PLAN_FILE)) or b"null")
         except (OSError, ValueError):
             continue  # no plan (cn_clip's files, hand-made shards): nothing recorded
         model = plan.get("settings", {}).get("model") if isinstance(plan, dict) else None

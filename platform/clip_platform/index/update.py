@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..data.records import parse_id
-from ..io import atomic_path, write_json
+from ..io import atomic_path, canonical, write_json
 from ..model_info import same_model
 from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
 from . import tasks
@@ -56,9 +55,9 @@ def _add(config: IndexConfig, work: BuildDir) -> IndexReport:
     manifest = read_manifest(config.output)
     root = Path(config.output)
     inputs = plan_inputs(config.features, config.rows_per_shard)
-    known = {os.path.realpath(s["path"]) for s in manifest["sources"]}
+    known = {canonical(s["path"]) for s in manifest["sources"]}
     for source in inputs.sources:
-        if os.path.realpath(source["path"]) in known:
+        if canonical(source["path"]) in known:
             raise ValueError(f"{source['path']} is indexed in {root} already")
     if inputs.model and manifest.get("model") and not same_model(inputs.model, manifest["model"]):
         raise ValueError(f"the features to add were embedded by {inputs.model.get('name')}, the index by "
