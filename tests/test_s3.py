@@ -1,5 +1,6 @@
 """Paths on object storage, against a real S3 server on loopback (moto's server mode): the embed
-job writes its feature shards into a bucket and resumes from the shards already there; an index
+job reads webdataset shards from a bucket, writes its feature shards into one and resumes from the
+shards already there; finetuning reads shards from a bucket and checkpoints into it; an index
 built from features in a bucket equals the one built from the same local files; a scheme no
 filesystem knows, a missing bucket and an output that must stay local are refused in one line."""
 from __future__ import annotations
@@ -17,8 +18,9 @@ import clip_models
 from clip_platform.batch.embed.store import ShardStore
 from clip_platform.data import SyntheticConfig, make_synthetic
 from clip_platform.data.features import read_features
+from clip_platform.data.records import b64decode_image
 from conftest import S3_ENV
-from helpers import load_job
+from helpers import load_job, write_tar_shards
 
 TINY = "ViT-Tiny@BERT-Tiny-chinese"
 
@@ -59,9 +61,15 @@ def test_embed_writes_its_shards_into_the_bucket_and_resumes_from_them(ray_local
     query, fs = s3
     root, checkpoint = corpus
     monkeypatch.chdir(tmp_path)  # a local folder named "s3:" would appear here
-    common = ["--extract-image-feats", "--image-data", str(root / "data" / "valid_imgs.tsv"), "--resume",
-              str(checkpoint), "--rows-per-shard", "4", "--img-batch-size", "4"]
-    local = run_embed(common + ["--output-dir", str(tmp_path / "local")], capsys)
+    # img2dataset's layout: webdataset shards, here in the bucket and in a local copy.
+    lines = (root / "data" / "valid_imgs.tsv").read_text().splitlines()
+    samples = [(f"{int(i):09d}", b64decode_image(b64), None) for i, b64 in (line.split("\t") for line in lines)]
+    for path in write_tar_shards(tmp_path / "shards", samples, per_shard=5):
+        pafs.copy_files(str(path), f"features/shards/{path.name}", destination_filesystem=fs)
+    common = ["--extract-image-feats", "--resume", str(checkpoint), "--rows-per-shard", "4", "--img-batch-size", "4"]
+    local = run_embed(common + ["--image-data", str(tmp_path / "shards"), "--output-dir", str(tmp_path / "local")],
+                      capsys)
+    common += ["--image-data", f"s3://features/shards?{query}"]
     uri = f"s3://features/run?{query}"
 
     write, calls = ShardStore.write, []
@@ -83,7 +91,7 @@ def test_embed_writes_its_shards_into_the_bucket_and_resumes_from_them(ray_local
     assert not any(name.startswith("s3") for name in os.listdir(tmp_path))
     names = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector("features/run/images")))
     assert names == ["_plan.json", "_shards", "_summary.json", "part-00000-of-00003.parquet",
-                     "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]
+                     "part-00001-of-00003.parquet", "part-00002-of-00003.parquet"]  # one shard per tar file
     remote = pq.read_table("features/run/images", filesystem=fs)
     expected = read_features(local["shards_dir"], "image_id")
     order = remote.column("id").to_numpy().argsort()
@@ -151,3 +159,29 @@ def test_build_index_from_features_in_the_bucket_equals_the_one_from_local_files
     np.testing.assert_array_equal(a.search(queries, 10)[1], b.search(queries, 10)[1])
     assert b.lookup([int(corpus.ids[250])]) == {int(corpus.ids[250]): {
         "file": f"s3://features/index-input/part-00001-of-00003.parquet?{query}", "row": 50}}
+
+
+@pytest.mark.slow
+def test_finetune_reads_shards_from_the_bucket_and_checkpoints_into_it(ray_local, s3, tmp_path):
+    from clip_platform.data import lmdb_io
+    from clip_platform.train import TrainConfig, run_finetune
+    from helpers import sample_log, synthetic_lmdb, write_tar_shards
+
+    query, fs = s3
+    dataset = synthetic_lmdb(tmp_path / "synthetic", num_train=48, num_valid=8)
+    with lmdb_io.pair_reader(dataset / "train") as read:
+        samples = [(f"{i:09d}", image, text) for i, (_, _, text, image) in enumerate(read(i) for i in range(48))]
+    for path in write_tar_shards(tmp_path / "train", samples, per_shard=16):
+        pafs.copy_files(str(path), f"features/train/{path.name}", destination_filesystem=fs)
+    config = TrainConfig(train_data=f"s3://features/train/{{00000..00002}}.tar?{query}", val_data=None,
+                         vision_model="ViT-Tiny", text_model="BERT-Tiny-chinese", batch_size=16, lr=1e-3, wd=0.0,
+                         warmup=1, max_steps=3, save_step_frequency=2, logs=str(tmp_path / "logs"), name="run",
+                         num_workers=1, cpus_per_worker=0.5, max_failures=0, backend="ddp", precision="fp32",
+                         record_sample_ids=True, storage_path=f"s3://features/ray-results?{query}")
+    result = run_finetune(config)
+    assert len(sample_log(result.run_dir)) == 3
+    assert result.ray_checkpoint.startswith("features/ray-results/run/")
+    stored = [info.path for info in fs.get_file_info(pafs.FileSelector("features/ray-results/run", recursive=True))
+              if info.type == pafs.FileType.File]
+    assert any(path.startswith(result.ray_checkpoint + "/") for path in stored), stored
+    assert clip_models.load(str(result.checkpoint))[0] is not None
