@@ -198,8 +198,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     (["--vision-model", "RN50", "--text-model", "RBT3-chinese", "--mask-ratio", "0.5"], "ViT towers only"),
     (["--batch-size", "1000"], "fewer than one global batch"),
     (["--precision", "fp16"], "needs --use-gpu"),
+    (["--distillation", "--teacher-model-name", "no-such-teacher"], "model 'no-such-teacher' not found"),
+    (["--distillation", "--teacher-model-name", "{empty}"], "is a directory but not a Hugging Face model"),
+    (["--storage-path", "{file}"], "--storage-path {file} is a file; give a directory path"),
+    (["--logs", "s3://bucket/logs"], "--logs s3://bucket/logs: this job writes to local or shared-filesystem paths"),
 ])
-def test_cli_errors_are_one_line(dataset, args, message):
+def test_cli_errors_are_one_line(dataset, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    names = {"empty": tmp_path / "empty", "file": tmp_path / "file"}
+    args, message = [a.format(**names) for a in args], message.format(**names)
     base = ["--train-data", str(dataset / "train"), "--vision-model", "ViT-Tiny", "--text-model", "BERT-Tiny-chinese"]
     out = cli(*base, *args)
     assert out.returncode == 2, out.stderr

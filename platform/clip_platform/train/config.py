@@ -205,6 +205,11 @@ class TrainConfig:
 
     def _check_model(self):
         model = self.model_config()  # raises for unknown names
+        if self.distillation:  # every worker loads it: a mistake is one line here, not a failed run
+            config_io.check_model(self.teacher_model_name)
+        # Ray Train's storage and the run's folder: a URI for the first, a local or shared path for --logs.
+        config_io.check_output(self.storage_path, "--storage-path", directory=True, uri=None)
+        config_io.check_output(self.logs, "--logs", directory=True)
         layers = {"vision": len(model.vision.layers) if model.vision.is_resnet else model.vision.layers,
                   "text": model.text.num_layers}
         for tower, count in layers.items():
