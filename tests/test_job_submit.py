@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 import clip_models
 
@@ -76,3 +77,10 @@ def test_ray_job_submit_finetunes_the_demo_recipe(head, tmp_path):
     assert f"checkpoint: {checkpoint}" in done.stdout
     model, _ = clip_models.load(str(checkpoint))
     assert model.config == clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese").config
+
+    # The dashboard's Train view, through its HTTP API with the cluster's token: the run is listed.
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    runs = requests.get(f"{head['RAY_ADDRESS']}/api/train/v2/runs/v1", headers={"Authorization": f"Bearer {token}"},
+                        timeout=30)
+    assert runs.status_code == 200, runs.text[:500]
+    assert "submitted" in runs.text, runs.text[:2000]

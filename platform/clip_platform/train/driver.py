@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ def check_data(config: TrainConfig) -> None:
             raise ValueError(f"--report-to {tracker} needs the {module} package (pip install {module})")
 
 
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 MIN_WORKER_CPUS = 0.25  # auto: a training worker gets at least this much of a CPU
 GPU_WORKER_CPUS = 2.0  # auto, with --use-gpu: the GPU computes; a worker needs a CPU or two
 
@@ -94,6 +96,9 @@ def run_finetune(config: TrainConfig) -> FinetuneResult:
     cpus = check_resources(config, ray.cluster_resources(), largest_node_cpus())
     log.info("%d training worker(s) with %g CPUs each", config.workers, cpus)
     storage = config.storage_path or str(Path(config.logs) / "ray_results")
+    # The dashboard's Train view lists runs and their workers only with state tracking on (Ray 2.60:
+    # read here, in the driver, when the trainer builds its callbacks). A user's 0 stays.
+    os.environ.setdefault(STATE_TRACKING, "1")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config},
