@@ -400,3 +400,11 @@ def test_lora_tracker_and_zero_shot_flags_refuse_mistakes(dataset, flags, messag
     with pytest.raises(ValueError, match=message):
         TrainConfig(train_data=str(dataset / "train"), vision_model="ViT-Tiny", text_model="BERT-Tiny-chinese",
                     **flags)
+
+
+def test_zero3_counts_the_parameters_it_partitions(dataset, tmp_path, ray_local):
+    """Under ZeRO-3 every rank holds empty placeholders: the log still counts the whole model."""
+    result = run_finetune(tiny(dataset, tmp_path / "logs", zero_stage=3, max_steps=1, val_data=None))
+    total = sum(p.numel() for p in clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese").parameters())
+    log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
+    assert f"{total:,} of {total:,} parameters train (100.00%)" in log_text, log_text[-2000:]

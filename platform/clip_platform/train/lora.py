@@ -140,6 +140,7 @@ def load_adapter(model: nn.Module, directory: Path) -> None:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under ZeRO-3 each rank holds an empty placeholder per parameter; ds_numel is its full size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return f"{trained:,} of {total:,} parameters train ({100.0 * trained / max(total, 1):.2f}%)"
