@@ -402,9 +402,23 @@ def test_lora_tracker_and_zero_shot_flags_refuse_mistakes(dataset, flags, messag
                     **flags)
 
 
-def test_zero3_counts_the_parameters_it_partitions(dataset, tmp_path, ray_local):
+def test_zero3_counts_the_parameters_it_partitions_and_the_summary_counts_epochs_as_the_log(dataset, tmp_path,
+                                                                                           ray_local):
     """Under ZeRO-3 every rank holds empty placeholders: the log still counts the whole model."""
     result = run_finetune(tiny(dataset, tmp_path / "logs", zero_stage=3, max_steps=1, val_data=None))
     total = sum(p.numel() for p in clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese").parameters())
     log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
     assert f"{total:,} of {total:,} parameters train (100.00%)" in log_text, log_text[-2000:]
+    # The run's records agree with its log on the epoch (mid-epoch here: step 1 of epoch 1).
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["metrics"]["epoch"] == train_metrics(result.run_dir)[-1]["epoch"] == 1
+
+
+def test_distillation_logs_its_term_beside_the_total_loss(dataset, tmp_path, ray_local):
+    teacher = clip_models.save_checkpoint(clip_models.create_model("ViT-Tiny@BERT-Tiny-chinese"), tmp_path / "t.pt")
+    result = run_finetune(tiny(dataset, tmp_path / "logs", distillation=True, teacher_model_name=str(teacher),
+                               kd_loss_weight=0.5, max_steps=2, val_data=None))
+    rows = train_metrics(result.run_dir)
+    assert len(rows) == 2 and all(0 < row["kd_loss"] <= 2 and row["loss"] > 0.5 * row["kd_loss"] for row in rows)
+    log_text = "".join(p.read_text() for p in result.run_dir.glob("out_*.log"))
+    assert f"Distillation Loss: {rows[-1]['kd_loss']:.6f}" in log_text

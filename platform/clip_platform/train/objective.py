@@ -32,7 +32,8 @@ def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 def contrastive(image_features, text_features, logit_scale, valid, aggregate: bool, with_grad: bool,
                 teacher_features=None, kd_weight: float = 0.0):
-    """(loss, {"i2t": acc, "t2i": acc}) over the global batch of normalised features."""
+    """(loss, terms) over the global batch of normalised features: terms holds the accuracies
+    ("i2t", "t2i") and, with a teacher, the distillation term ("kd_loss", before its weight)."""
     if aggregate:
         image_features = gather(image_features, with_grad)
         text_features = gather(text_features, with_grad)
@@ -41,5 +42,7 @@ def contrastive(image_features, text_features, logit_scale, valid, aggregate: bo
             teacher_features = gather(teacher_features, False)
     loss, acc = clip_models.contrastive_loss(image_features, text_features, logit_scale, valid=valid)
     if teacher_features is not None:
-        loss = loss + kd_weight * clip_models.distillation_loss(teacher_features[valid], image_features[valid])
+        kd_loss = clip_models.distillation_loss(teacher_features[valid], image_features[valid])
+        loss = loss + kd_weight * kd_loss
+        acc = {**acc, "kd_loss": kd_loss.detach()}
     return loss, acc

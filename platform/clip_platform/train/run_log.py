@@ -71,7 +71,8 @@ class RunLogger:
         acc = (f"Image2Text Acc: {m['i2t_acc'] * 100:.2f} | Text2Image Acc: {m['t2i_acc'] * 100:.2f} | "
                if cfg.report_training_batch_acc else "")
         log.info(f"Global Steps: {m['step']}/{total_steps} | Train Epoch: {m['epoch']} [{done}/{samples} "
-                 f"({100.0 * step_in_epoch / plan.steps_per_epoch:.0f}%)] | Loss: {m['loss']:.6f} | {acc}"
+                 f"({100.0 * step_in_epoch / plan.steps_per_epoch:.0f}%)] | Loss: {m['loss']:.6f} | "
+                 + (f"Distillation Loss: {m['kd_loss']:.6f} | " if "kd_loss" in m else "") + f"{acc}"
                  f"Data Time: {m['data_time']:.3f}s | Batch Time: {m['batch_time']:.3f}s | LR: {m['lr']:5f} | "
                  f"logit_scale: {m['logit_scale']:.3f} | Global Batch Size: {batch * plan.world_size}")
 

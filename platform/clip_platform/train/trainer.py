@@ -238,6 +238,8 @@ class Trainer:
                    "lr": self.engine.lr, "logit_scale": logit_scale, "data_time": data_time,
                    "batch_time": batch_time, "samples_per_s": config.global_batch_size / max(batch_time, 1e-9),
                    "skipped_steps": self.skipped_steps}
+        if "kd_loss" in acc:  # --distillation: its term on its own, beside the total loss
+            metrics["kd_loss"] = float(acc["kd_loss"])
         if config.record_sample_ids:
             self.logger.record_samples(step, gather_indices(micro))
         if step % config.log_interval == 0 or step == self.total_steps:
@@ -274,8 +276,10 @@ class Trainer:
     def save(self, epoch_end: int | None, step_file: bool = False, final: bool = False) -> None:
         """A checkpoint at one of cn_clip's save points (checkpoints.Checkpointer.save), with the
         step's metrics and the last evaluation for Ray Train's result."""
-        metrics = {"step": self.position.global_step, "epoch": self.position.epoch,
-                   **self.last_validation}
+        # The epoch of the last step, counted from 1 as the log and metrics.jsonl count it (the
+        # position's epoch is the one the next step runs in, from 0).
+        epoch = self.position.epoch + (1 if self.position.step_in_epoch else 0)
+        metrics = {"step": self.position.global_step, "epoch": epoch, **self.last_validation}
         self.checkpointer.save(self.position, metrics, self.ema, epoch_end, step_file, final)
         self._saved_step = self.position.global_step
         if self.bad_steps == 0:
