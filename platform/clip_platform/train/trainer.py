@@ -17,6 +17,7 @@ import torch.distributed as dist
 import clip_models
 
 from . import lora
+from ..ray_context import Gauges
 from .checkpoints import Checkpointer
 from .config import TrainConfig
 from .data import SampleDecoder, open_pairs, stream_batches, to_device
@@ -27,6 +28,14 @@ from .plan import Plan, Position
 from .run_log import RunLogger
 from .validation import Validation
 from .zeroshot import ZeroShotEval
+
+TRAIN_GAUGES = {"step": "steps done", "epoch": "epoch of the last step, from 1", "loss": "training loss",
+                "kd_loss": "distillation term", "i2t_acc": "in-batch image-to-text accuracy",
+                "t2i_acc": "in-batch text-to-image accuracy", "lr": "learning rate",
+                "samples_per_s": "training samples per second", "skipped_steps": "non-finite steps skipped",
+                "valid_loss": "validation loss", "valid_mean_recall": "validation mean recall (%)",
+                "valid_t2i_r1": "validation text-to-image R@1 (%)", "valid_i2t_r1": "validation image-to-text R@1 (%)",
+                "zeroshot_top1": "zero-shot top-1", "zeroshot_top5": "zero-shot top-5"}
 
 
 def cosine_lr(base_lr: float, warmup: int, total_steps: int, step: int) -> float:
@@ -91,6 +100,7 @@ class Trainer:
         self.bad_steps = self.skipped_steps = 0  # non-finite steps: in a row, and in all
         self.last_checkpoint: str | None = None
         self.logger = RunLogger(config, self.rank)
+        self.gauges = Gauges("clip_train", TRAIN_GAUGES, run=config.name)  # rank 0's, per step
         self.logger.worker_nodes(gather_objects(worker_node(), merge=False))
         self.validation = Validation(config, self.engine, self.rank, self.world_size, self.logger) \
             if config.val_data else None
@@ -240,6 +250,8 @@ class Trainer:
                    "skipped_steps": self.skipped_steps}
         if "kd_loss" in acc:  # --distillation: its term on its own, beside the total loss
             metrics["kd_loss"] = float(acc["kd_loss"])
+        if self.rank == 0:
+            self.gauges.set(**metrics)
         if config.record_sample_ids:
             self.logger.record_samples(step, gather_indices(micro))
         if step % config.log_interval == 0 or step == self.total_steps:
@@ -260,6 +272,8 @@ class Trainer:
         if self.validation is None:
             return None
         self.last_validation = self.validation.run(self.position, self.ema, self.bad_records)
+        if self.rank == 0:
+            self.gauges.set(**self.last_validation)
         return self.last_validation
 
     def zero_shot(self) -> None:
@@ -271,6 +285,8 @@ class Trainer:
         self.engine.train(True)
         self.logger.zeroshot_line(result, self.position)
         self.last_validation = {**self.last_validation, **result}
+        if self.rank == 0:
+            self.gauges.set(**result)
         self._zeroshot_step = self.position.global_step
 
     def save(self, epoch_end: int | None, step_file: bool = False, final: bool = False) -> None:

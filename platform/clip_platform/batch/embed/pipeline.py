@@ -11,6 +11,7 @@ import numpy as np
 
 from ...encode.backends import choose_backend
 from ...model_info import ModelInfo
+from ...ray_context import Gauges
 from .source import IMAGES, CorpusPlan, ShardedDatasource
 from .store import FinishedShard, ShardAssembler, ShardStore
 from .config import EmbedConfig, Target
@@ -123,6 +124,11 @@ def compile_images(config: EmbedConfig, resources: EncoderResources, plan: Corpu
     return not resources.num_gpus and per_actor >= COMPILE_MIN_IMAGES
 
 
+EMBED_GAUGES = {"rows_done": "records encoded by this run", "rows_per_s": "records encoded per second",
+                "bad_records": "records skipped", "shards_done": "shards written by this run",
+                "shards_todo": "shards this run embeds"}
+
+
 class Progress:
     """Log lines with counts and throughput: one per finished shard, and one every
     PROGRESS_SECONDS while a shard is still filling."""
@@ -132,6 +138,7 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.num_encoded = self.num_skipped = self.num_shards = 0
         self.nodes: set[str] = set()  # nodes whose encoders delivered rows
+        self.gauges = Gauges("clip_embed", EMBED_GAUGES, modality=name)
 
     def rows(self, batch: dict[str, np.ndarray]) -> None:
         self.num_encoded += int(np.asarray(batch["ok"]).sum())
@@ -150,6 +157,8 @@ class Progress:
 
     def _log(self, what: str) -> None:
         self.last = time.perf_counter()
+        self.gauges.set(rows_done=self.num_encoded, rows_per_s=self.rate, bad_records=self.num_skipped,
+                        shards_done=self.num_shards, shards_todo=self.num_todo)
         log.info("%s: %s; %d/%d shards, %d encoded, %.1f/s, %d skipped", self.name, what, self.num_shards,
                  self.num_todo, self.num_encoded, self.rate, self.num_skipped)
 
