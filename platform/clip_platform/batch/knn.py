@@ -41,7 +41,7 @@ from ..data.features import Features, FeatureShard, check_unique_ids, iter_featu
 from ..index.recall import recall_at_k
 from ..index.search import open_index, read_manifest
 from ..index.searcher import ExactSearcher, merge
-from ..ray_context import ensure_ray, get, node_id
+from ..ray_context import Gauges, ensure_ray, get, node_id
 from .predictions import KEYS, MODES, PredictionWriter, check_mode
 
 log = logging.getLogger(__name__)
@@ -329,12 +329,16 @@ def knn_search(config: KnnConfig) -> KnnReport:
         search = search or exact
         sample = QuerySample(config.recall_sample if config.index == "faiss" else 0, config.seed)
         searched = time.perf_counter()
+        gauges = Gauges("clip_knn", {"queries_done": "queries predicted", "queries_per_s": "queries per second"},
+                        mode=config.mode)
         with PredictionWriter(config.output, config.mode) as writer:
             for block, (_, ids, block_nodes) in in_order(blocks, search.submit, config.max_inflight_blocks):
                 nodes.update(block_nodes)
                 writer.write(block.ids.tolist(), ids.tolist())
                 sample.add(block, ids)
                 log.info("%d queries done", writer.num_lines)
+                gauges.set(queries_done=writer.num_lines,
+                           queries_per_s=writer.num_lines / max(1e-9, time.perf_counter() - searched))
     finally:
         if search is not None:
             search.close()

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 
 from .faiss_index import FaissSpec, choose_served_index, mergeable_on_disk
-from ..ray_context import ensure_ray, get, largest_node_cpus, task_cpus
+from ..ray_context import Gauges, ensure_ray, get, largest_node_cpus, task_cpus
 from .topk import merge_topk
 from . import tasks
 from .config import IndexConfig
@@ -169,6 +169,10 @@ def record_partial(work: BuildDir, shard: int, result: dict) -> None:
     work.write_record("parts", shard, result)
 
 
+INDEX_GAUGES = {"shards_done": "shards of the step done", "shards_todo": "shards of the step",
+                "rows_done": "rows of the finished shards"}
+
+
 def run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int], Any],
                 record: Callable[[BuildDir, int, dict], None]) -> tuple[dict[int, dict], int]:
     """Run `step` on every shard without a record yet, recording each as it finishes;
@@ -178,12 +182,15 @@ def run_shards(work: BuildDir, step: str, num_shards: int, submit: Callable[[int
     refs = {submit(i): i for i in range(num_shards) if i not in results}
     log.info("%s: %d shard(s) to do, %d finished before", step, len(refs), found)
     began = last = time.monotonic()
+    gauges = Gauges("clip_index", INDEX_GAUGES, step=step)
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             shard = refs.pop(ready[0])
             results[shard] = get(ready[0])
             record(work, shard, results[shard])
+            gauges.set(shards_done=len(results), shards_todo=num_shards,
+                       rows_done=sum(r.get("rows", 0) for r in results.values() if isinstance(r, dict)))
             if time.monotonic() - last > PROGRESS_SECONDS:
                 log.info("%s: %d of %d shards done", step, len(results), num_shards)
                 last = time.monotonic()
