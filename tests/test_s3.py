@@ -128,8 +128,13 @@ def test_outputs_that_stay_local_refuse_a_uri_in_one_line(s3, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "FAISS memory-maps it" in err and len(err.splitlines()) == 1, err
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(load_job("knn").main, ["--image-feats", str(tmp_path), "--text-feats", str(tmp_path),
-                                       "--output", f"s3://features/predictions.jsonl?{query}"])
+        cli.run(load_job("knn").main, ["--image-feats", str(tmp_path), "--text-feats", str(tmp_path), "--index",
+                                       "faiss", "--output", f"s3://features/predictions.jsonl?{query}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "builds its temporary index beside --output" in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_job("retrieval_eval").main, ["--data-dir", str(tmp_path), "--vision-model", "ViT-B-16",
+                                                  "--output-dir", f"s3://features/eval?{query}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "not URIs" in err and len(err.splitlines()) == 1, err
 
@@ -185,3 +190,29 @@ def test_finetune_reads_shards_from_the_bucket_and_checkpoints_into_it(ray_local
               if info.type == pafs.FileType.File]
     assert any(path.startswith(result.ray_checkpoint + "/") for path in stored), stored
     assert clip_models.load(str(result.checkpoint))[0] is not None
+
+
+def test_knn_and_evaluate_read_and_write_the_bucket(ray_local, s3, tmp_path):
+    from clip_platform.data.features import Features, write_features_parquet
+    from clip_platform.io import read_file
+
+    query, fs = s3
+    rng = np.random.default_rng(7)
+    images = Features(np.arange(100, 140, dtype=np.int64), rng.standard_normal((40, 8)).astype(np.float32))
+    texts = Features(np.arange(20, dtype=np.int64), rng.standard_normal((20, 8)).astype(np.float32))
+    for name, features in (("images", images), ("texts", texts)):
+        path = write_features_parquet(tmp_path / f"{name}.parquet", features, row_group_rows=16)
+        pafs.copy_files(str(path), f"features/knn/{name}.parquet", destination_filesystem=fs)
+    truth = tmp_path / "test_texts.jsonl"
+    truth.write_text("".join(json.dumps({"text_id": i, "text": "x", "image_ids": [100 + i]}) + "\n" for i in range(20)))
+    knn, evaluate = load_job("knn").main, load_job("evaluate").main
+    bucket = lambda name: f"s3://features/knn/{name}?{query}"  # noqa: E731
+    knn(["--image-feats", bucket("images.parquet"), "--text-feats", bucket("texts.parquet"),
+         "--output", bucket("predictions.jsonl"), "--corpus-shard-size", "16"])
+    knn(["--image-feats", str(tmp_path / "images.parquet"), "--text-feats", str(tmp_path / "texts.parquet"),
+         "--output", str(tmp_path / "predictions.jsonl")])
+    assert read_file(bucket("predictions.jsonl")) == (tmp_path / "predictions.jsonl").read_bytes()
+    evaluate([str(truth), bucket("predictions.jsonl"), bucket("recall.json")])
+    evaluate([str(truth), str(tmp_path / "predictions.jsonl"), str(tmp_path / "recall.json")])
+    assert read_file(bucket("recall.json")) == (tmp_path / "recall.json").read_bytes()
+    assert json.loads(read_file(bucket("recall.json")))["success"] is True

@@ -39,7 +39,7 @@ class EvaluateConfig:
         for name in ("ground_truth", "predictions", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} path is required")
-        config_io.check_output(self.output, "OUT")
+        config_io.check_output(self.output, "OUT", uri=None)  # written through clip_platform.io
 
 
 def error_json(message: str) -> dict:

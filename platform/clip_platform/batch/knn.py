@@ -84,7 +84,10 @@ class KnnConfig:
             raise ValueError(f"--recall-target must be in (0, 1], got {self.recall_target}")
         config_io.check_not_empty(self.image_feats, "--image-feats")
         config_io.check_not_empty(self.text_feats, "--text-feats")
-        config_io.check_output(self.output, "--output")
+        # Predictions are written through clip_platform.io (a URI too), but --index faiss builds its
+        # temporary index beside them, and FAISS maps it: then --output is local or shared.
+        config_io.check_output(self.output, "--output", uri=None if self.index != "faiss" else
+                               "--index faiss builds its temporary index beside --output: give a local or shared path")
 
     @property
     def built_index(self) -> str | None:

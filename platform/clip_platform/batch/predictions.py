@@ -13,9 +13,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
-from ..io import atomic_path
+from ..io import atomic_path, is_file
 from ..data.features import json_objects
 
 MODES = ("t2i", "i2t")
@@ -40,7 +39,7 @@ class PredictionWriter:
     so an interrupted job never leaves a truncated file that looks finished."""
 
     def __init__(self, path: str | os.PathLike, mode: str):
-        self.path = Path(path)
+        self.path = os.fspath(path)  # a local path or a URI (clip_platform.io writes both)
         self.mode = check_mode(mode)
         self.num_lines = 0
         self._stack = ExitStack()
@@ -66,7 +65,7 @@ class PredictionWriter:
 
 def _json_lines(path: str | os.PathLike, what: str) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line; `where` is "FILE line N" for messages."""
-    if not Path(path).is_file():
+    if not is_file(path):
         raise FileNotFoundError(f"{what} file {path} does not exist")
     yield from json_objects(path)
 
